@@ -1,0 +1,204 @@
+"""The broker: a robust connection, the consuming channel, and the topology.
+
+aio-pika's robust connection does the reconnecting; this module watches it for logs, metrics
+and readiness, and declares the exchange, the work queue and the dead-letter queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING, Any, Final
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection, AbstractRobustQueue
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+
+from mayhem.config import mask_url
+from mayhem.exceptions import ConfigError, StartupError
+
+if TYPE_CHECKING:
+    from mayhem.config import Config
+    from mayhem.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+CONNECTION_NAME_PREFIX: Final = "mayhem"
+RECONNECT_INTERVAL: Final = 1.0
+PUBLISH_TIMEOUT: Final = 30.0
+
+
+def connection_name(queue: str, role: str = "consumer") -> str:
+    """The client-provided name operators and tests find mayhem's connections by."""
+    host, pid = socket.gethostname(), os.getpid()
+    return f"{CONNECTION_NAME_PREFIX} {role} host={host} pid={pid} queue={queue}"
+
+
+def queue_arguments(config: Config) -> dict[str, Any]:
+    """The work queue's arguments: its type and where the broker dead-letters to."""
+    arguments: dict[str, Any] = {
+        "x-queue-type": config.queue_type,
+        "x-dead-letter-exchange": f"{config.exchange}.dlx",
+        "x-dead-letter-routing-key": config.dead_queue,
+    }
+    if config.queue_type == "quorum":
+        # Broker-side dead-lettering (e.g. an operator's delivery limit) without loss.
+        arguments["x-dead-letter-strategy"] = "at-least-once"
+        arguments["x-overflow"] = "reject-publish"
+    return arguments
+
+
+async def connect(config: Config, role: str = "consumer") -> AbstractRobustConnection:
+    """Open a robust connection; fail fast when the broker cannot be reached at start.
+
+    Raises:
+        StartupError: the broker refused the credentials or could not be reached.
+    """
+    try:
+        return await aio_pika.connect_robust(
+            config.amqp_url,
+            client_properties={"connection_name": connection_name(config.queue, role)},
+            reconnect_interval=RECONNECT_INTERVAL,
+            timeout=10,
+        )
+    except aiormq.exceptions.ProbableAuthenticationError:
+        msg = f"broker {mask_url(config.amqp_url)} refused the credentials"
+        raise StartupError(msg) from None
+    except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
+        msg = f"cannot connect to broker {mask_url(config.amqp_url)}: {_describe(exc)}"
+        raise StartupError(msg) from None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.replace("\n", " ")
+
+
+async def declare_topology(channel: aio_pika.abc.AbstractChannel, config: Config) -> None:
+    """Declare the exchange, work queue and dead-letter queue; idempotent.
+
+    Raises:
+        ConfigError: an entity exists with other arguments (say, a classic queue where a
+            quorum one is configured).
+    """
+    try:
+        exchange = await channel.declare_exchange(
+            config.exchange, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        dlx = await channel.declare_exchange(
+            f"{config.exchange}.dlx", aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        dead = await channel.declare_queue(
+            config.dead_queue, durable=True, arguments={"x-queue-type": config.queue_type}
+        )
+        await dead.bind(dlx, routing_key=config.dead_queue)
+        work = await channel.declare_queue(
+            config.queue, durable=True, arguments=queue_arguments(config)
+        )
+        await work.bind(exchange, routing_key=config.queue)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        msg = (
+            f"topology of queue {config.queue!r} differs from the broker's: {_describe(exc)} "
+            "(delete the queue, or set declare = false)"
+        )
+        raise ConfigError(msg) from None
+
+
+class Broker:
+    """The consuming connection and channel, watched for readiness and metrics.
+
+    Args:
+        config: the daemon's configuration.
+        metrics: where reconnects are counted.
+    """
+
+    def __init__(self, config: Config, metrics: Metrics) -> None:
+        self._config = config
+        self._metrics = metrics
+        self.connection: AbstractRobustConnection | None = None
+        self.channel: AbstractRobustChannel | None = None
+        self.publish_channel: AbstractRobustChannel | None = None
+        self.queue: AbstractRobustQueue | None = None
+        self._on_reconnect: list[Any] = []
+        self._closing = False
+
+    @property
+    def connected(self) -> bool:
+        """The connection is open and its channels are restored."""
+        conn = self.connection
+        return bool(
+            conn is not None
+            and conn.connected.is_set()
+            and not conn.is_closed
+            and self.channel is not None
+            and not self.channel.is_closed
+        )
+
+    def on_reconnect(self, callback: Any) -> None:  # noqa: ANN401 -- aio-pika's callback type
+        """Call ``callback(connection)`` after each successful reconnect."""
+        self._on_reconnect.append(callback)
+
+    async def start(self) -> None:
+        """Connect, open the channels, set QoS and declare the topology.
+
+        Raises:
+            StartupError: the broker cannot be reached or refuses us.
+            ConfigError: the topology on the broker contradicts the configuration.
+        """
+        config = self._config
+        self.connection = conn = await connect(config)
+        try:
+            self.channel = await conn.channel(publisher_confirms=False)
+            await self.channel.set_qos(prefetch_count=config.effective_prefetch)
+            # Dead letters and retries are published on their own channel with confirms,
+            # so a confirm never waits behind deliveries.
+            self.publish_channel = await conn.channel(publisher_confirms=True)
+            if config.declare:
+                await declare_topology(self.channel, config)
+            self.queue = await self.channel.declare_queue(config.queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            msg = f"queue {config.queue!r} does not exist on the broker and declare is off"
+            raise ConfigError(msg) from None
+        except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
+            msg = f"broker {mask_url(config.amqp_url)} failed during setup: {_describe(exc)}"
+            raise StartupError(msg) from None
+        conn.close_callbacks.add(self._lost)
+        conn.reconnect_callbacks.add(self._restored)
+        log.info("broker connected: %s", mask_url(config.amqp_url))
+
+    def _lost(self, _: Any, exc: BaseException | None = None) -> None:  # noqa: ANN401
+        if self._closing:
+            return
+        log.warning("broker connection lost: %s", _describe(exc) if exc else "closed")
+
+    def _restored(self, connection: Any) -> None:  # noqa: ANN401
+        self._metrics.broker_reconnects.inc()
+        log.info("broker connection re-established")
+        for callback in self._on_reconnect:
+            callback(connection)
+
+    async def depth(self) -> int | None:
+        """Messages ready in the work queue (a passive declare), or ``None`` if unknown."""
+        if self.publish_channel is None or not self.connected:
+            return None
+        try:
+            # On the raw channel: aio-pika answers a passive declare of a known queue from
+            # its cache, without asking the broker.
+            channel = await self.publish_channel.get_underlay_channel()
+            declared = await channel.queue_declare(self._config.queue, passive=True, timeout=5)
+        except (*CONNECTION_EXCEPTIONS, TimeoutError):
+            return None
+        return declared.message_count
+
+    async def close(self) -> None:
+        """Close the channels and the connection; the broker requeues anything unacked."""
+        conn, self.connection = self.connection, None
+        if conn is None:
+            return
+        self._closing = True
+        try:
+            await conn.close()
+        except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
+            log.warning("closing the broker connection failed: %s", _describe(exc))

@@ -1,0 +1,147 @@
+"""The consumer: AMQP deliveries into a bounded buffer, and settling them (ack, requeue).
+
+``stop()`` and ``pause()`` send ``basic.cancel`` first and then requeue every delivery still
+buffered, because the broker does not take back what it already sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Final
+
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+
+if TYPE_CHECKING:
+    from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, ConsumerTag
+
+    from mayhem.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+CANCEL_TIMEOUT: Final = 5.0
+
+
+def is_stale(delivery: AbstractIncomingMessage) -> bool:
+    """The delivery's channel is gone: its tag means nothing now, the broker redelivers it."""
+    return bool(delivery.channel.is_closed)
+
+
+class Settler:
+    """Acks and requeues deliveries, counting each, and drops the stale ones.
+
+    A delivery tag belongs to its channel: after a reconnect, settling an old tag fails; the
+    broker has already requeued that message, so it is counted as stale and dropped.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def ack(self, delivery: AbstractIncomingMessage) -> bool:
+        """Acknowledge; ``False`` if the delivery was stale."""
+        if is_stale(delivery):
+            self._metrics.stale_deliveries.inc()
+            return False
+        try:
+            await delivery.ack()
+        except CONNECTION_EXCEPTIONS as exc:
+            log.info("ack failed (%s): the broker will redeliver", exc)
+            self._metrics.stale_deliveries.inc()
+            return False
+        return True
+
+    async def requeue(self, delivery: AbstractIncomingMessage) -> bool:
+        """Negative-acknowledge with requeue; ``False`` if the delivery was stale."""
+        if is_stale(delivery):
+            self._metrics.stale_deliveries.inc()
+            return False
+        try:
+            await delivery.nack(requeue=True)
+        except CONNECTION_EXCEPTIONS as exc:
+            log.info("requeue failed (%s): the broker will redeliver", exc)
+            self._metrics.stale_deliveries.inc()
+            return False
+        self._metrics.requeued.inc()
+        return True
+
+
+class Consumer:
+    """Subscribes to the work queue and feeds a bounded buffer.
+
+    Args:
+        queue: the work queue (a robust queue: the subscription survives reconnects).
+        buffer: where deliveries wait for a worker; bounded by the prefetch window.
+        settler: settles what ``stop()`` and ``pause()`` hand back.
+    """
+
+    def __init__(
+        self,
+        queue: AbstractQueue,
+        buffer: asyncio.Queue[AbstractIncomingMessage | None],
+        settler: Settler,
+    ) -> None:
+        self._queue = queue
+        self._buffer = buffer
+        self._settler = settler
+        self._tag: ConsumerTag | None = None
+        self.delivered = 0
+
+    @property
+    def active(self) -> bool:
+        """Subscribed to the queue."""
+        return self._tag is not None
+
+    async def start(self) -> None:
+        """Subscribe (``basic.consume``)."""
+        if self._tag is None:
+            self._tag = await self._queue.consume(self._on_delivery)
+
+    async def _on_delivery(self, delivery: AbstractIncomingMessage) -> None:
+        if self._tag is None:
+            # Sent before our basic.cancel reached the broker: hand it straight back.
+            await self._settler.requeue(delivery)
+            return
+        self.delivered += 1
+        # Never blocks: the broker sends at most prefetch unacked deliveries, and the buffer
+        # holds that many.
+        await self._buffer.put(delivery)
+
+    async def cancel(self) -> None:
+        """Unsubscribe (``basic.cancel``); on a closed channel log it and carry on."""
+        tag, self._tag = self._tag, None
+        if tag is None:
+            return
+        try:
+            await self._queue.cancel(tag, timeout=CANCEL_TIMEOUT)
+        except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
+            log.info("basic.cancel failed (%s): the channel is gone, so is the consumer", exc)
+
+    async def requeue_buffered(self) -> int:
+        """Requeue every delivery waiting in the buffer; return how many went back."""
+        requeued = 0
+        while True:
+            try:
+                delivery = self._buffer.get_nowait()
+            except asyncio.QueueEmpty:
+                return requeued
+            if delivery is not None and await self._settler.requeue(delivery):
+                requeued += 1
+
+    def drop_stale(self) -> int:
+        """Remove deliveries of a closed channel from the buffer (after a reconnect)."""
+        keep: list[AbstractIncomingMessage | None] = []
+        dropped = 0
+        while not self._buffer.empty():
+            delivery = self._buffer.get_nowait()
+            if delivery is not None and is_stale(delivery):
+                dropped += 1
+            else:
+                keep.append(delivery)
+        for delivery in keep:
+            self._buffer.put_nowait(delivery)
+        return dropped
+
+    async def stop(self) -> int:
+        """Cancel the subscription, then requeue the buffer; return how many were requeued."""
+        await self.cancel()
+        return await self.requeue_buffered()

@@ -1,0 +1,56 @@
+"""Every exception mayhem raises or asks handlers to raise."""
+
+from __future__ import annotations
+
+
+class MayhemError(Exception):
+    """The base of every mayhem exception."""
+
+
+class ConfigError(MayhemError):
+    """The configuration is invalid: a setting, a flag, a file or the handler path.
+
+    The message is one line that names the setting and what is wrong with it; the command
+    line prints it and exits with status 2.
+    """
+
+
+class StartupError(MayhemError):
+    """A resource needed to start could not be reached: the broker or the database.
+
+    The message names the resource (secrets masked) and the cause; the command line prints
+    it and exits with status 1.
+    """
+
+
+class Reject(MayhemError):  # noqa: N818 -- the handler API names it for what it does
+    """Raised by a handler: the message is poison and goes to the dead-letter queue now.
+
+    Args:
+        reason: a short, human-readable reason, stored in the ``x-mayhem-reason`` header.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class DecodeError(Reject):
+    """The message body cannot be decoded (``Message.json()`` on a body that is not JSON)."""
+
+
+class Retry(MayhemError):  # noqa: N818 -- the handler API names it for what it does
+    """Raised by a handler: try the message again later.
+
+    Args:
+        delay: seconds to wait before the next attempt, or ``None`` for the configured
+            backoff.
+    """
+
+    def __init__(self, delay: float | None = None) -> None:
+        super().__init__(f"retry requested (delay={delay})")
+        self.delay = delay
+
+
+class StoreUnavailable(MayhemError):  # noqa: N818 -- a state, not an error of the caller
+    """The database cannot be reached; the message is requeued, not failed."""

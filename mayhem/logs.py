@@ -1,0 +1,85 @@
+"""Logging: one JSON object a line for journald and shippers, or text for terminals.
+
+The message id of the message being handled is added to every record from a context variable,
+so log lines of a handler, a worker or the store can all be found by id.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+import time
+from typing import Final
+
+MESSAGE_ID: Final[contextvars.ContextVar[str | None]] = contextvars.ContextVar(
+    "mayhem_message_id", default=None
+)
+_STANDARD: Final = frozenset(
+    logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys()
+    | {"message", "asctime", "message_id", "taskName"}
+)
+
+
+class _MessageIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "message_id", None) is None:
+            record.message_id = MESSAGE_ID.get()
+        return True
+
+
+class JSONFormatter(logging.Formatter):
+    """Formats a record as one JSON object: time, level, logger, event, message_id, fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render ``record`` as a JSON line."""
+        entry: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        message_id = getattr(record, "message_id", None)
+        if message_id is not None:
+            entry["message_id"] = message_id
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                entry[key] = value if isinstance(value, str | int | float | bool) else repr(value)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """``time level logger [message_id] event`` for people at a terminal."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s%(mid)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render ``record`` as one line of text (plus a traceback, if any)."""
+        message_id = getattr(record, "message_id", None)
+        record.mid = f" [{message_id}]" if message_id else ""
+        return super().format(record)
+
+
+def setup(log_format: str, level: str) -> None:
+    """Send every log record to stderr in the chosen format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter() if log_format == "json" else TextFormatter())
+    handler.addFilter(_MessageIdFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    """Change mayhem's log level (also on SIGHUP); libraries stay at WARNING unless DEBUG."""
+    logging.getLogger().setLevel(level)
+    quiet = logging.DEBUG if level == "DEBUG" else logging.WARNING
+    for name in ("aio_pika", "aiormq", "asyncpg", "aiosqlite", "aiohttp.access"):
+        logging.getLogger(name).setLevel(max(quiet, logging.getLevelName(level)))

@@ -1,0 +1,122 @@
+"""What a handler sees: the immutable :class:`Message` and the per-message :class:`Context`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+
+from mayhem.exceptions import DecodeError, Reject
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from aio_pika.abc import AbstractIncomingMessage
+
+    from mayhem.store import BlockingTransaction, Transaction
+
+ATTEMPT_HEADER: Final = "x-mayhem-attempt"
+JSON_TYPES: Final = frozenset({"application/json", "text/json"})
+
+
+@attrs.frozen(slots=True)
+class Message:
+    """One delivery from the work queue, as the handler sees it.
+
+    Attributes:
+        message_id: the AMQP ``message_id`` property; it survives retries and dead-lettering.
+        body: the raw body.
+        headers: the AMQP headers.
+        routing_key: the routing key it was published with.
+        attempt: 1 on the first delivery, counting retries.
+        redelivered: the broker delivered it before (to us or another consumer).
+        content_type: the AMQP ``content_type`` property, or ``None``.
+    """
+
+    message_id: str
+    body: bytes
+    headers: Mapping[str, Any] = attrs.field(factory=dict)
+    routing_key: str = ""
+    attempt: int = 1
+    redelivered: bool = False
+    content_type: str | None = None
+
+    def json(self) -> Any:  # noqa: ANN401 -- JSON is any of its types
+        """Decode the body as JSON.
+
+        Raises:
+            DecodeError: the content type is set and is not JSON, or the body is not UTF-8
+                JSON, is nested too deeply or holds a number too long to convert; the message
+                is dead-lettered.
+        """
+        if self.content_type:
+            media_type = self.content_type.partition(";")[0].strip().lower()
+            if media_type not in JSON_TYPES:
+                raise DecodeError(f"content_type {media_type!r} is not JSON")
+        try:
+            return json.loads(self.body)
+        except RecursionError:
+            raise DecodeError("JSON nested too deeply") from None
+        except UnicodeDecodeError:
+            raise DecodeError("body is not valid UTF-8") from None
+        except json.JSONDecodeError as exc:
+            raise DecodeError(f"body is not valid JSON: {exc.msg} at offset {exc.pos}") from None
+        except ValueError as exc:  # e.g. an integer past sys.get_int_max_str_digits()
+            raise DecodeError(f"body is not decodable JSON: {exc}") from None
+
+
+@attrs.frozen(slots=True)
+class Context:
+    """What the handler may use beside the message.
+
+    Attributes:
+        db: the open transaction in which mayhem also records the message id; the handler's
+            writes and the "done" mark commit or roll back together.
+        log: a logger bound to the message id.
+    """
+
+    db: Transaction
+    log: logging.LoggerAdapter[logging.Logger]
+
+
+@attrs.frozen(slots=True)
+class SyncContext:
+    """What a plain ``def`` handler gets: ``db`` calls block the handler's thread.
+
+    Attributes:
+        db: the message's transaction, with blocking ``execute``, ``fetch``, ``fetchrow`` and
+            ``fetchval``.
+        log: a logger bound to the message id.
+    """
+
+    db: BlockingTransaction
+    log: logging.LoggerAdapter[logging.Logger]
+
+
+def build_message(delivery: AbstractIncomingMessage, max_bytes: int) -> Message:
+    """Turn an AMQP delivery into a :class:`Message`.
+
+    Raises:
+        Reject: the delivery cannot be handled at all (no ``message_id``, a body over the
+            size limit or an empty one); it is dead-lettered at once.
+    """
+    if not delivery.message_id:
+        raise Reject("missing message_id: cannot be applied exactly once")
+    size = len(delivery.body)
+    if size > max_bytes:
+        raise Reject(f"body of {size} bytes exceeds max_message_bytes ({max_bytes})")
+    if size == 0:
+        raise Reject("empty body")
+    headers = delivery.headers or {}
+    attempt = headers.get(ATTEMPT_HEADER, 1)
+    return Message(
+        message_id=delivery.message_id,
+        body=delivery.body,
+        headers=headers,
+        routing_key=delivery.routing_key or "",
+        attempt=attempt if isinstance(attempt, int) and attempt > 0 else 1,
+        redelivered=bool(delivery.redelivered),
+        content_type=delivery.content_type,
+    )

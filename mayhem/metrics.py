@@ -1,0 +1,243 @@
+"""Every metric in one place, the HTTP endpoint that serves them, and the flush at shutdown.
+
+Children of labelled metrics are bound once here, so the hot path never looks a label up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+    write_to_textfile,
+)
+from prometheus_client.exposition import push_to_gateway
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from mayhem._version import __version__
+from mayhem.config import mask_url
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+OUTCOMES: Final = ("acked", "duplicate", "requeued", "retried", "dead_lettered", "rejected")
+# From a 1 ms no-op to a minute-long handler.
+DURATION_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+)  # fmt: skip
+HEARTBEAT_INTERVAL: Final = 0.5
+
+
+class Metrics:
+    """The daemon's metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        messages = Counter(
+            "mayhem_messages",
+            "Messages settled, by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.acked = messages.labels("acked")
+        self.duplicate = messages.labels("duplicate")
+        self.requeued = messages.labels("requeued")
+        self.retried = messages.labels("retried")
+        self.dead_lettered = messages.labels("dead_lettered")
+        self.rejected = messages.labels("rejected")
+        self.in_flight = Gauge(
+            "mayhem_messages_in_flight", "Messages whose handler is running.", registry=registry
+        )
+        self.buffered = Gauge(
+            "mayhem_buffered_messages",
+            "Deliveries waiting in the local buffer for a worker.",
+            registry=registry,
+        )
+        self.handler_duration = Histogram(
+            "mayhem_handler_duration_seconds",
+            "Time from a worker taking a message to its handler's transaction ending.",
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.broker_reconnects = Counter(
+            "mayhem_broker_reconnects",
+            "Times the broker connection was re-established.",
+            registry=registry,
+        )
+        self.stale_deliveries = Counter(
+            "mayhem_stale_deliveries",
+            "Deliveries dropped because their channel closed; the broker redelivers them.",
+            registry=registry,
+        )
+        self.consumer_active = Gauge(
+            "mayhem_consumer_active",
+            "1 while the broker consumer is subscribed.",
+            registry=registry,
+        )
+        self.store_up = Gauge(
+            "mayhem_database_up", "1 while the database answers.", registry=registry
+        )
+        self.store_outages = Counter(
+            "mayhem_database_outages",
+            "Times consumption paused because the database was unreachable.",
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "mayhem_queue_depth", "Messages ready in the broker's work queue.", registry=registry
+        )
+        self.shutdown_duration = Gauge(
+            "mayhem_shutdown_duration_seconds",
+            "How long the last shutdown took.",
+            registry=registry,
+        )
+        self.shutdown_requeued = Gauge(
+            "mayhem_shutdown_requeued_messages",
+            "Messages the last shutdown requeued.",
+            registry=registry,
+        )
+        self.inbox_pruned = Counter(
+            "mayhem_inbox_pruned_rows",
+            "Inbox rows deleted after their retention.",
+            registry=registry,
+        )
+        Info("mayhem_build", "The running mayhem's version.", registry=registry).info(
+            {"version": __version__}
+        )
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """Read one sample's current value (0 when it has none)."""
+        found = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if found is None else found
+
+    def render(self) -> bytes:
+        """The exposition text."""
+        return generate_latest(self.registry)
+
+    def flush(self, textfile: str | None, pushgateway: str | None, job: str) -> None:
+        """Write the final values to a textfile and/or a Pushgateway; log and go on on failure.
+
+        Args:
+            textfile: a path for node_exporter's textfile collector, written atomically.
+            pushgateway: the Pushgateway's URL.
+            job: the Pushgateway job name.
+        """
+        if textfile:
+            try:
+                _write_textfile(textfile, self.registry)
+            except OSError as exc:
+                log.warning("metrics textfile %s not written: %s", textfile, exc)
+            else:
+                log.info("metrics written to %s", textfile)
+        if pushgateway:
+            try:
+                push_to_gateway(pushgateway, job=job, registry=self.registry, timeout=5)
+            except OSError as exc:
+                log.warning("metrics not pushed to %s: %s", mask_url(pushgateway), exc)
+            else:
+                log.info("metrics pushed to %s", mask_url(pushgateway))
+
+
+def _write_textfile(path: str, registry: CollectorRegistry) -> None:
+    # write_to_textfile writes a temporary file beside the target and renames it over it,
+    # so node_exporter never reads half a file.
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_to_textfile(os.fspath(target), registry)
+
+
+class HealthServer:
+    """``/metrics``, ``/healthz`` and ``/readyz`` served from the event loop by aiohttp.
+
+    Args:
+        metrics: what ``/metrics`` shows.
+        addr: ``HOST:PORT`` to bind; port 0 picks a free one (see :attr:`bound`).
+        ready: answers whether the daemon is ready, with the reasons it is not.
+        block_threshold: ``/healthz`` fails once the loop has been late by more than this.
+    """
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        addr: str,
+        ready: Callable[[], list[str]],
+        block_threshold: float = 5.0,
+    ) -> None:
+        self._metrics = metrics
+        host, _, port = addr.rpartition(":")
+        self._host = host.strip("[]")
+        self._port = int(port)
+        self._ready = ready
+        self._block_threshold = block_threshold
+        self._runner: web.AppRunner | None = None
+        self.bound: str | None = None
+        self.last_beat = time.monotonic()
+        self.max_lag = 0.0
+
+    async def start(self) -> None:
+        """Bind and start serving."""
+        app = web.Application()
+        app.router.add_get("/metrics", self._serve_metrics)
+        app.router.add_get("/healthz", self._serve_health)
+        app.router.add_get("/readyz", self._serve_ready)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port, shutdown_timeout=1.0)
+        await site.start()
+        server = site._server  # noqa: SLF001 -- aiohttp keeps the bound socket here
+        sockets = getattr(server, "sockets", None) or []
+        port = sockets[0].getsockname()[1] if sockets else self._port
+        self.bound = f"{self._host}:{port}"
+
+    async def stop(self) -> None:
+        """Stop serving."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def heartbeat(self) -> None:
+        """Measure how late the loop wakes up, for ``/healthz``; runs until cancelled."""
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            self.last_beat = now = time.monotonic()
+            self.max_lag = max(0.0, now - before - HEARTBEAT_INTERVAL)
+
+    def loop_healthy(self) -> bool:
+        """The loop ran the heartbeat recently and was not blocked for long."""
+        overdue = time.monotonic() - self.last_beat - HEARTBEAT_INTERVAL
+        return max(overdue, self.max_lag) < self._block_threshold
+
+    async def _serve_metrics(self, _: web.Request) -> web.Response:
+        return web.Response(
+            body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def _serve_health(self, _: web.Request) -> web.Response:
+        if self.loop_healthy():
+            return web.Response(text="ok\n")
+        return web.Response(status=503, text=f"event loop blocked ({self.max_lag:.1f} s)\n")
+
+    async def _serve_ready(self, _: web.Request) -> web.Response:
+        reasons = self._ready()
+        if not reasons:
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="not ready: " + ", ".join(reasons) + "\n")

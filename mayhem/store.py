@@ -1,0 +1,547 @@
+"""The database: the inbox that makes effects exactly-once, on SQLite or PostgreSQL.
+
+For every message the worker runs the handler inside a :class:`Transaction`, then claims the
+message id in the inbox table in that same transaction and commits. A second delivery of the
+same id finds the inbox row and is acknowledged without running the handler; a concurrent one
+loses the claim and rolls its effects back. Both backends use PostgreSQL's ``$1`` placeholders.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import re
+import sqlite3
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Self
+from urllib.parse import parse_qsl, urlsplit
+
+import aiosqlite
+import asyncpg
+
+from mayhem.config import mask_url
+from mayhem.exceptions import ConfigError, StartupError, StoreUnavailable
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+    from types import TracebackType
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION: Final = 1
+INBOX_TABLE: Final = "mayhem_inbox"
+_SCHEMA: Final = (
+    "CREATE TABLE IF NOT EXISTS mayhem_schema (version INTEGER NOT NULL)",
+    f"""CREATE TABLE IF NOT EXISTS {INBOX_TABLE} (
+        queue TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        processed_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (queue, message_id)
+    )""",
+    f"CREATE INDEX IF NOT EXISTS {INBOX_TABLE}_processed_at ON {INBOX_TABLE} (processed_at)",
+)
+_SEEN: Final = f"SELECT 1 FROM {INBOX_TABLE} WHERE queue = $1 AND message_id = $2"
+_CLAIM: Final = (
+    f"INSERT INTO {INBOX_TABLE} (queue, message_id, processed_at) VALUES ($1, $2, $3) "
+    "ON CONFLICT DO NOTHING"
+)
+_PRUNE: Final = f"DELETE FROM {INBOX_TABLE} WHERE processed_at < $1 RETURNING 1"
+
+Row = dict[str, Any]
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    PoolConnection = PoolConnectionProxy[asyncpg.Record]
+
+
+class Transaction(abc.ABC):
+    """The handler's database handle (``ctx.db``): one transaction, begun on first use.
+
+    Statements use ``$1, $2, ...`` placeholders on both backends. The transaction commits
+    after the handler returns, together with the inbox row, or rolls back if it raises.
+
+    Attributes:
+        lost: a statement failed because the database could not be reached.
+    """
+
+    lost: bool = False
+
+    @abc.abstractmethod
+    async def execute(self, sql: str, *args: object) -> None:
+        """Run a statement that returns no rows."""
+
+    @abc.abstractmethod
+    async def fetch(self, sql: str, *args: object) -> list[Row]:
+        """Run a query and return every row as a dict."""
+
+    async def fetchrow(self, sql: str, *args: object) -> Row | None:
+        """Run a query and return its first row, or ``None``."""
+        rows = await self.fetch(sql, *args)
+        return rows[0] if rows else None
+
+    async def fetchval(self, sql: str, *args: object) -> Any:  # noqa: ANN401 -- any column type
+        """Run a query and return the first column of its first row, or ``None``."""
+        row = await self.fetchrow(sql, *args)
+        return next(iter(row.values())) if row else None
+
+    @abc.abstractmethod
+    async def claim(self, queue: str, message_id: str) -> bool:
+        """Insert the inbox row; ``False`` if the message was already applied."""
+
+    @abc.abstractmethod
+    async def __aenter__(self) -> Self: ...
+
+    @abc.abstractmethod
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Commit when the block succeeded, roll back otherwise."""
+
+
+class BlockingTransaction:
+    """``ctx.db`` for a plain ``def`` handler: the same calls, blocking its thread.
+
+    Each call runs on the event loop, in the message's transaction, and waits for the result.
+    """
+
+    def __init__(self, tx: Transaction) -> None:
+        self._tx = tx
+        self._loop = asyncio.get_running_loop()
+
+    def _wait(self, call: Awaitable[Any]) -> Any:  # noqa: ANN401
+        async def run() -> Any:  # noqa: ANN401
+            return await call
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
+
+    def execute(self, sql: str, *args: object) -> None:
+        """Run a statement that returns no rows."""
+        self._wait(self._tx.execute(sql, *args))
+
+    def fetch(self, sql: str, *args: object) -> list[Row]:
+        """Run a query and return every row as a dict."""
+        rows: list[Row] = self._wait(self._tx.fetch(sql, *args))
+        return rows
+
+    def fetchrow(self, sql: str, *args: object) -> Row | None:
+        """Run a query and return its first row, or ``None``."""
+        row: Row | None = self._wait(self._tx.fetchrow(sql, *args))
+        return row
+
+    def fetchval(self, sql: str, *args: object) -> Any:  # noqa: ANN401
+        """Run a query and return the first column of its first row, or ``None``."""
+        return self._wait(self._tx.fetchval(sql, *args))
+
+
+class Store(abc.ABC):
+    """One database backend: the schema, the inbox and the connection lifecycle."""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and create the schema if it is missing.
+
+        Raises:
+            StartupError: the database cannot be reached or its schema is newer than ours.
+        """
+
+    @abc.abstractmethod
+    async def close(self, timeout: float) -> None:
+        """Close every connection, forcibly after ``timeout`` seconds."""
+
+    @abc.abstractmethod
+    async def seen(self, queue: str, message_id: str) -> bool:
+        """Whether the inbox already has this message (committed)."""
+
+    @abc.abstractmethod
+    def transaction(self) -> Transaction:
+        """A new transaction for one message: ``async with store.transaction() as tx``."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise :class:`StoreUnavailable` unless the database answers."""
+
+    async def prune(self, older_than: float) -> int:
+        """Delete inbox rows processed before ``older_than`` (epoch seconds); return how many."""
+        async with self.transaction() as tx:
+            rows = await tx.fetch(_PRUNE, older_than)
+        return len(rows)
+
+    async def run_setup(self, setup: Callable[[Transaction], Awaitable[None]]) -> None:
+        """Run a handler's one-time setup (such as ``CREATE TABLE``) in its own transaction."""
+        async with self.transaction() as tx:
+            await setup(tx)
+
+
+def open_store(db_url: str, *, pool_size: int) -> Store:
+    """Pick the backend that ``db_url`` names.
+
+    Raises:
+        ConfigError: the URL names no supported database.
+    """
+    scheme = urlsplit(db_url).scheme
+    if scheme == "sqlite":
+        return SQLiteStore(sqlite_path(db_url))
+    if scheme in {"postgresql", "postgres"}:
+        return PostgresStore(db_url, pool_size=pool_size)
+    raise ConfigError(f"db_url: unsupported database {scheme!r}")
+
+
+def sqlite_path(db_url: str) -> Path:
+    """``sqlite:///rel.db`` is relative to the working directory, ``sqlite:////abs.db`` not."""
+    return Path(urlsplit(db_url).path[1:])
+
+
+@lru_cache(maxsize=1024)
+def to_sqlite(sql: str) -> str:
+    """Rewrite ``$1`` placeholders as SQLite's ``?1``, leaving quoted text alone."""
+    return _PLACEHOLDER.sub(lambda m: f"?{m.group(1)}" if m.group(1) else m.group(0), sql)
+
+
+_PLACEHOLDER: Final = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$(\d+)")
+
+# SQLite errors that mean the database file cannot be used right now, not that the SQL is wrong.
+_SQLITE_OUTAGE: Final = ("locked", "disk", "unable to open", "readonly", "busy")
+
+
+def _sqlite_outage(exc: sqlite3.Error) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and any(w in text for w in _SQLITE_OUTAGE)
+
+
+class SQLiteStore(Store):
+    """SQLite through aiosqlite: WAL, ``synchronous=FULL``, one writer at a time.
+
+    SQLite has one writer per database, so transactions are serialized: a transaction starts
+    at the handler's first statement (or at the inbox claim), not when the handler starts, so
+    a handler that waits before it writes does not hold up the others.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+
+    async def _connect(self) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        await db.execute("PRAGMA busy_timeout = 5000")
+        await db.execute("PRAGMA journal_mode = WAL")
+        await db.execute("PRAGMA synchronous = FULL")
+        return db
+
+    async def open(self) -> None:
+        """Open the writer and reader connections and create the schema."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = await self._connect()
+            self._reader = await self._connect()
+            for statement in _SCHEMA:
+                await self._writer.execute(statement)
+            await _check_version_sqlite(self._writer)
+        except (OSError, sqlite3.Error) as exc:
+            await self.close(1.0)
+            raise StartupError(f"cannot open SQLite database {self.path}: {exc}") from None
+        log.info("store open: SQLite %s (WAL, synchronous=FULL)", self.path)
+
+    async def close(self, timeout: float) -> None:
+        """Close both connections."""
+        for db in (self._reader, self._writer):
+            if db is not None:
+                try:
+                    await asyncio.wait_for(db.close(), timeout)
+                except (TimeoutError, sqlite3.Error, ValueError) as exc:
+                    log.warning("closing SQLite connection failed: %s", exc)
+        self._reader = self._writer = None
+
+    async def seen(self, queue: str, message_id: str) -> bool:
+        """Look the id up on the reader connection, which sees only committed rows."""
+        if self._reader is None:
+            raise StoreUnavailable("SQLite store is closed")
+        try:
+            async with self._reader.execute(to_sqlite(_SEEN), (queue, message_id)) as cursor:
+                return await cursor.fetchone() is not None
+        except sqlite3.Error as exc:
+            if _sqlite_outage(exc):
+                raise StoreUnavailable(str(exc)) from exc
+            raise
+
+    def transaction(self) -> Transaction:
+        """A transaction on the single writer connection."""
+        return _SQLiteTransaction(self)
+
+    async def ping(self) -> None:
+        """Run ``SELECT 1`` on the reader."""
+        if self._reader is None:
+            raise StoreUnavailable("SQLite store is closed")
+        try:
+            await self._reader.execute("SELECT 1")
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+
+async def _check_version_sqlite(db: aiosqlite.Connection) -> None:
+    async with db.execute("SELECT max(version) FROM mayhem_schema") as cursor:
+        row = await cursor.fetchone()
+    version = row[0] if row else None
+    if version is None:
+        await db.execute("INSERT INTO mayhem_schema (version) VALUES (?)", (SCHEMA_VERSION,))
+    elif version > SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(f"schema version {version} is newer than {SCHEMA_VERSION}")
+
+
+class _SQLiteTransaction(Transaction):
+    def __init__(self, store: SQLiteStore) -> None:
+        self._store = store
+        self._db: aiosqlite.Connection | None = None
+
+    async def _begin(self) -> aiosqlite.Connection:
+        if self._db is not None:
+            return self._db
+        await self._store._write_lock.acquire()  # noqa: SLF001 -- the store's own transaction
+        db = self._store._writer  # noqa: SLF001
+        try:
+            if db is None:
+                raise StoreUnavailable("SQLite store is closed")
+            await db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._store._write_lock.release()  # noqa: SLF001
+            raise
+        self._db = db
+        return db
+
+    async def _run(self, sql: str, args: tuple[object, ...]) -> list[Row]:
+        db = await self._begin()
+        try:
+            async with db.execute(to_sqlite(sql), args) as cursor:
+                rows = await cursor.fetchall()
+        except sqlite3.Error as exc:
+            if _sqlite_outage(exc):
+                self.lost = True
+                raise StoreUnavailable(str(exc)) from exc
+            raise
+        return [dict(row) for row in rows]
+
+    async def execute(self, sql: str, *args: object) -> None:
+        """Run a statement in the transaction."""
+        await self._run(sql, args)
+
+    async def fetch(self, sql: str, *args: object) -> list[Row]:
+        """Run a query in the transaction."""
+        return await self._run(sql, args)
+
+    async def claim(self, queue: str, message_id: str) -> bool:
+        """Insert the inbox row unless it is there."""
+        db = await self._begin()
+        async with db.execute(to_sqlite(_CLAIM), (queue, message_id, time.time())) as cursor:
+            return cursor.rowcount == 1
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        db, self._db = self._db, None
+        if db is None:
+            return
+        # Shielded, and the lock released only when the statement is done: a cancelled
+        # worker must still end its transaction before another one begins on the connection.
+        end = asyncio.ensure_future(self._end(db, commit=exc_type is None))
+        end.add_done_callback(lambda _: self._store._write_lock.release())  # noqa: SLF001
+        await asyncio.shield(end)
+
+    @staticmethod
+    async def _end(db: aiosqlite.Connection, *, commit: bool) -> None:
+        try:
+            await db.execute("COMMIT" if commit else "ROLLBACK")
+        except sqlite3.Error as error:
+            if not commit:
+                log.warning("SQLite rollback failed: %s", error)
+                return
+            await _quiet_rollback(db)
+            raise StoreUnavailable(f"commit failed: {error}") from error
+
+
+async def _quiet_rollback(db: aiosqlite.Connection) -> None:
+    try:
+        await db.execute("ROLLBACK")
+    except sqlite3.Error:
+        log.debug("rollback after a failed commit failed too", exc_info=True)
+
+
+# asyncpg errors that mean the server or the connection is gone, not that the SQL is wrong.
+_PG_OUTAGE: Final = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    OSError,
+    TimeoutError,
+)
+
+
+class PostgresStore(Store):
+    """PostgreSQL through an asyncpg pool sized to the concurrency."""
+
+    def __init__(self, dsn: str, *, pool_size: int) -> None:
+        parts = urlsplit(dsn)
+        self._dsn = dsn
+        self._shown = mask_url(dsn)
+        # asyncpg passes unknown query parameters as server settings (e.g. search_path).
+        self._settings = dict(parse_qsl(parts.query))
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        """Create the pool and the schema."""
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=1,
+                max_size=self._pool_size,
+                command_timeout=60,
+                server_settings={"application_name": "mayhem"},
+            )
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(726562)")
+                for statement in _SCHEMA:
+                    await conn.execute(statement)
+                version = await conn.fetchval("SELECT max(version) FROM mayhem_schema")
+                if version is None:
+                    await conn.execute(
+                        "INSERT INTO mayhem_schema (version) VALUES ($1)", SCHEMA_VERSION
+                    )
+                elif version > SCHEMA_VERSION:
+                    msg = f"schema version {version} is newer than {SCHEMA_VERSION}"
+                    raise asyncpg.PostgresError(msg)
+        except (*_PG_OUTAGE, asyncpg.PostgresError) as exc:
+            await self.close(1.0)
+            raise StartupError(f"cannot open database {self._shown}: {exc}") from None
+        log.info("store open: PostgreSQL %s (pool of %d)", self._shown, self._pool_size)
+
+    async def close(self, timeout: float) -> None:
+        """Close the pool; terminate it when connections are not released in time."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            # asyncpg's close() waits forever for checked-out connections.
+            await asyncio.wait_for(pool.close(), timeout)
+        except (TimeoutError, *_PG_OUTAGE) as exc:
+            log.warning("PostgreSQL pool did not close in %.1f s (%r): terminating", timeout, exc)
+            pool.terminate()
+
+    def _require_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreUnavailable("PostgreSQL store is closed")
+        return self._pool
+
+    async def seen(self, queue: str, message_id: str) -> bool:
+        """Look the id up in the inbox."""
+        try:
+            return await self._require_pool().fetchval(_SEEN, queue, message_id) is not None
+        except _PG_OUTAGE as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+
+    def transaction(self) -> Transaction:
+        """A transaction on a pooled connection, taken at its first statement."""
+        return _PostgresTransaction(self._require_pool())
+
+    async def ping(self) -> None:
+        """Run ``SELECT 1`` on a pooled connection."""
+        try:
+            await self._require_pool().fetchval("SELECT 1", timeout=5)
+        except _PG_OUTAGE as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class _PostgresTransaction(Transaction):
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._conn: PoolConnection | None = None
+        self._tx: Any = None
+
+    async def _begin(self) -> PoolConnection:
+        if self._conn is not None:
+            return self._conn
+        try:
+            conn = await self._pool.acquire(timeout=30)
+        except _PG_OUTAGE as exc:
+            self.lost = True
+            raise StoreUnavailable(_describe(exc)) from exc
+        try:
+            tx = conn.transaction()
+            await tx.start()
+        except BaseException as exc:
+            await self._pool.release(conn)
+            if isinstance(exc, _PG_OUTAGE):
+                self.lost = True
+                raise StoreUnavailable(_describe(exc)) from exc
+            raise
+        self._conn, self._tx = conn, tx
+        return conn
+
+    async def _call(self, call: Callable[[PoolConnection], Awaitable[Any]]) -> Any:  # noqa: ANN401
+        conn = await self._begin()
+        try:
+            return await call(conn)
+        except _PG_OUTAGE as exc:
+            self.lost = True
+            raise StoreUnavailable(_describe(exc)) from exc
+
+    async def execute(self, sql: str, *args: object) -> None:
+        """Run a statement in the transaction."""
+        await self._call(lambda conn: conn.execute(sql, *args))
+
+    async def fetch(self, sql: str, *args: object) -> list[Row]:
+        """Run a query in the transaction."""
+        records = await self._call(lambda conn: conn.fetch(sql, *args))
+        return [dict(record) for record in records]
+
+    async def claim(self, queue: str, message_id: str) -> bool:
+        """Insert the inbox row unless it is there; waits for a concurrent claim to settle."""
+        status = await self._call(lambda conn: conn.execute(_CLAIM, queue, message_id, time.time()))
+        return bool(status == "INSERT 0 1")
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        conn, tx, self._conn, self._tx = self._conn, self._tx, None, None
+        if conn is None:
+            return
+        try:
+            # Shielded: a cancelled worker must still end its transaction and give the
+            # connection back, or the pool leaks it.
+            await asyncio.shield(self._finish(conn, tx, commit=exc_type is None))
+        except _PG_OUTAGE as error:
+            if exc_type is None:
+                raise StoreUnavailable(f"commit failed: {_describe(error)}") from error
+
+    async def _finish(self, conn: PoolConnection, tx: Any, *, commit: bool) -> None:  # noqa: ANN401
+        try:
+            if commit:
+                await tx.commit()
+            else:
+                await tx.rollback()
+        finally:
+            await self._pool.release(conn)

@@ -1,0 +1,247 @@
+"""The workers: take a delivery, run the handler in a database transaction, then settle it.
+
+Order per message, the heart of the exactly-once promise:
+
+1. skip the handler when the inbox already has the id (a redelivery): ack as duplicate;
+2. run the handler inside a transaction, claim the id in the inbox in that transaction;
+3. commit, and only then ack.
+
+A crash between 3's commit and ack is healed by step 1 on redelivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+import aio_pika
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+
+from mayhem.exceptions import Reject, StoreUnavailable
+from mayhem.logs import MESSAGE_ID
+from mayhem.message import ATTEMPT_HEADER, Context, SyncContext, build_message
+from mayhem.store import BlockingTransaction
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+    from mayhem.config import Config
+    from mayhem.consumer import Settler
+    from mayhem.metrics import Metrics
+    from mayhem.store import Store, Transaction
+
+log = logging.getLogger(__name__)
+handler_log = logging.getLogger("mayhem.handler")
+
+MAX_ERROR_HEADER: Final = 1000
+HOST: Final = socket.gethostname()
+
+
+class _AlreadyApplied(Exception):  # noqa: N818 -- control flow, never escapes this module
+    """Another delivery of the same id committed first: roll back, ack as duplicate."""
+
+
+class Workers:
+    """The worker coroutines and what they share.
+
+    Args:
+        config: the daemon's configuration.
+        buffer: the consumer's buffer; ``None`` in it tells one worker to exit.
+        store: the database with the inbox.
+        handler: the user's handler (async or plain).
+        settler: acks and requeues.
+        publish_channel: a channel with publisher confirms, for dead letters.
+        metrics: where outcomes are counted.
+        on_store_outage: called when the database cannot be reached.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        buffer: asyncio.Queue[AbstractIncomingMessage | None],
+        store: Store,
+        handler: Callable[..., Any],
+        settler: Settler,
+        publish_channel: AbstractChannel,
+        metrics: Metrics,
+        on_store_outage: Callable[[str], None],
+    ) -> None:
+        self._config = config
+        self._buffer = buffer
+        self._store = store
+        self._handler = handler
+        self._is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+            getattr(handler, "__call__", None)  # noqa: B004 -- an async __call__ method
+        )
+        self._settler = settler
+        self._publish_channel = publish_channel
+        self._metrics = metrics
+        self._on_store_outage = on_store_outage
+        self.in_flight = 0
+        self.acked = 0
+        self.cancelled = 0
+        metrics.in_flight.set_function(lambda: self.in_flight)
+
+    async def run(self) -> None:
+        """One worker: take deliveries until told to exit (``None``) or cancelled."""
+        buffer = self._buffer
+        while True:
+            delivery = await buffer.get()
+            if delivery is None:
+                return
+            try:
+                await self._process(delivery)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug in mayhem, not in the handler: keep the worker, keep the message.
+                log.exception("unexpected error while processing a message; requeueing it")
+                await _shielded(self._settler.requeue(delivery))
+
+    async def _process(self, delivery: AbstractIncomingMessage) -> None:
+        if delivery.channel.is_closed:
+            self._metrics.stale_deliveries.inc()
+            return
+        self.in_flight += 1
+        started = time.perf_counter()
+        try:
+            await self._handle(delivery)
+        except asyncio.CancelledError:
+            # Shutdown's drain deadline passed: the transaction has rolled back.
+            self.cancelled += 1
+            await _shielded(self._settler.requeue(delivery))
+            raise
+        finally:
+            self.in_flight -= 1
+            self._metrics.handler_duration.observe(time.perf_counter() - started)
+
+    async def _handle(self, delivery: AbstractIncomingMessage) -> None:
+        config = self._config
+        try:
+            message = build_message(delivery, config.max_message_bytes)
+        except Reject as exc:
+            await self._dead_letter(delivery, exc, reason="rejected")
+            return
+        token = MESSAGE_ID.set(message.message_id)
+        tx: Transaction | None = None
+        try:
+            if await self._store.seen(config.queue, message.message_id):
+                await self._ack(delivery, duplicate=True)
+                return
+            tx = self._store.transaction()
+            async with asyncio.timeout(config.handler_timeout), tx:
+                logger = logging.LoggerAdapter(handler_log, {"message_id": message.message_id})
+                if self._is_async:
+                    await self._handler(message, Context(db=tx, log=logger))
+                else:
+                    ctx = SyncContext(db=BlockingTransaction(tx), log=logger)
+                    await self._run_sync(message, ctx)
+                if not await tx.claim(config.queue, message.message_id):
+                    raise _AlreadyApplied
+            await self._ack(delivery, duplicate=False)
+        except _AlreadyApplied:
+            await self._ack(delivery, duplicate=True)
+        except StoreUnavailable as exc:
+            await self._store_outage(delivery, str(exc))
+        except Reject as exc:
+            await self._dead_letter(delivery, exc, reason="rejected")
+        except Exception as exc:
+            if tx is not None and tx.lost:
+                # The handler turned a lost connection into its own error: still an outage.
+                await self._store_outage(delivery, _describe(exc))
+            else:
+                log.warning("handler failed: %s", _describe(exc), exc_info=log.isEnabledFor(10))
+                await self._dead_letter(delivery, exc, reason="failed")
+        finally:
+            MESSAGE_ID.reset(token)
+
+    async def _run_sync(self, message: Any, ctx: SyncContext) -> None:  # noqa: ANN401
+        loop = asyncio.get_running_loop()
+        call = functools.partial(contextvars.copy_context().run, self._handler, message, ctx)
+        await loop.run_in_executor(None, call)
+
+    async def _ack(self, delivery: AbstractIncomingMessage, *, duplicate: bool) -> None:
+        if await self._settler.ack(delivery):
+            if duplicate:
+                self._metrics.duplicate.inc()
+            else:
+                self.acked += 1
+                self._metrics.acked.inc()
+
+    async def _store_outage(self, delivery: AbstractIncomingMessage, why: str) -> None:
+        # Not the message's fault: back to the queue, not an attempt, not a dead letter.
+        log.warning("database unavailable (%s): requeueing", why)
+        await self._settler.requeue(delivery)
+        self._on_store_outage(why)
+
+    async def _dead_letter(
+        self, delivery: AbstractIncomingMessage, exc: BaseException, *, reason: str
+    ) -> None:
+        """Publish to the dead-letter queue with confirms, then ack the original."""
+        now = time.time()
+        headers = dict(delivery.headers or {})
+        headers.update(
+            {
+                "x-mayhem-reason": reason,
+                "x-mayhem-error": _describe(exc)[:MAX_ERROR_HEADER],
+                "x-mayhem-attempts": _attempt(headers),
+                "x-mayhem-first-failure": headers.get("x-mayhem-first-failure", now),
+                "x-mayhem-last-failure": now,
+                "x-mayhem-host": HOST,
+                "x-mayhem-queue": self._config.queue,
+            }
+        )
+        dead = aio_pika.Message(
+            delivery.body,
+            headers=headers,
+            content_type=delivery.content_type,
+            content_encoding=delivery.content_encoding,
+            message_id=delivery.message_id,
+            correlation_id=delivery.correlation_id,
+            timestamp=delivery.timestamp,
+            type=delivery.type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        try:
+            await self._publish_channel.default_exchange.publish(
+                dead, routing_key=self._config.dead_queue, mandatory=True, timeout=30
+            )
+        except (*CONNECTION_EXCEPTIONS, TimeoutError) as error:
+            log.warning("dead-letter publish failed (%s): requeueing instead", error)
+            await self._settler.requeue(delivery)
+            return
+        log.info(
+            "dead-lettered (%s): %s, %d bytes",
+            reason,
+            _describe(exc)[:200],
+            len(delivery.body),
+        )
+        if await self._settler.ack(delivery):
+            counter = (
+                self._metrics.rejected if reason == "rejected" else self._metrics.dead_lettered
+            )
+            counter.inc()
+
+
+def _attempt(headers: dict[str, Any]) -> int:
+    attempt = headers.get(ATTEMPT_HEADER, 1)
+    return attempt if isinstance(attempt, int) and attempt > 0 else 1
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def _shielded(settle: Any) -> None:  # noqa: ANN401 -- any awaitable
+    # Settling must finish even when the worker is being cancelled.
+    await asyncio.shield(settle)
