@@ -29,7 +29,7 @@ from mayhem.systemd import Notifier
 from mayhem.worker import Workers
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+    from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Mapping
 
     from aio_pika.abc import AbstractIncomingMessage
 
@@ -43,6 +43,7 @@ STORE_RETRY_MAX: Final = 30.0
 # After a second signal every remaining step gets this long, so the exit comes within 2 s.
 FORCED_STEP_TIMEOUT: Final = 0.5
 STEP_TIMEOUT: Final = 10.0
+CANCEL_RETRY: Final = 0.1
 
 
 class Daemon:
@@ -211,7 +212,6 @@ class Daemon:
         async with self._step(1, "not ready; STOPPING=1 sent to systemd"):
             self.notifier.stopping()
         async with self._step(2, "consumer cancelled: no new deliveries"):
-            await self._cancel(self._demo_task)
             await self._cancel_background(keep=self._heartbeat)
             if self.consumer is not None:
                 await self._bounded(self.consumer.cancel())
@@ -274,9 +274,7 @@ class Daemon:
         if pending:
             why = "second signal" if self.signals.force_exit.is_set() else "drain_timeout"
             log.warning("%s: cancelling %d handlers still running", why, len(pending))
-            for task in pending:
-                task.cancel(msg=f"{why} exceeded; message requeued")
-            await asyncio.wait(pending, timeout=STEP_TIMEOUT)
+            await cancel_all(pending, msg=f"{why}: message requeued")
         cancelled = self.workers.cancelled if self.workers else 0
         self.shutdown_requeued += cancelled
         # Deliveries that raced with basic.cancel and landed behind the exit sentinels.
@@ -331,17 +329,8 @@ class Daemon:
         if self.health is not None:
             await self.health.stop()
 
-    async def _cancel(self, task: asyncio.Task[Any] | None) -> None:
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task})
-
     async def _cancel_background(self, *, keep: asyncio.Task[Any] | None = None) -> None:
-        stopping = [task for task in self._background if task is not keep]
-        for task in stopping:
-            task.cancel()
-        if stopping:
-            await asyncio.wait(stopping)
+        await cancel_all([task for task in self._background if task is not keep])
         self._background = [keep] if keep is not None else []
 
     # -- what runs beside the workers ------------------------------------------------------
@@ -541,6 +530,24 @@ class Daemon:
         finally:
             log.info("demo publisher stopped: %s", report.summary())
         return report
+
+
+async def cancel_all(
+    tasks: Collection[asyncio.Task[Any]], msg: str | None = None, timeout: float = STEP_TIMEOUT
+) -> None:
+    """Cancel ``tasks`` and wait for them, cancelling again while any is still running.
+
+    On Python 3.11, ``asyncio.wait_for`` (inside aiormq and asyncpg) can swallow a
+    cancellation that races with its result, so one ``cancel()`` is not always enough.
+    """
+    pending = {task for task in tasks if not task.done()}
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for task in pending:
+            task.cancel(msg)
+        _, pending = await asyncio.wait(pending, timeout=CANCEL_RETRY)
+    for task in pending:
+        log.error("task did not stop when cancelled: %r", task)
 
 
 def run_daemon(daemon: Daemon, loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> int:

@@ -1,0 +1,117 @@
+"""Fixtures: the real broker and databases on this machine, isolated by unique names.
+
+Every test gets its own queue and exchange (deleted afterwards), its own SQLite file or
+PostgreSQL schema (dropped afterwards). Nothing is mocked: the broker is RabbitMQ on
+127.0.0.1:5672 and the database is PostgreSQL on 127.0.0.1:5432 or a real SQLite file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import aio_pika
+import asyncpg
+import pytest
+
+from mayhem.config import Config
+
+sys.path.insert(0, str(Path(__file__).parent / "support"))
+
+AMQP_URL = os.environ.get("MAYHEM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+PG_URL = os.environ.get("MAYHEM_TEST_PG_URL", "postgresql://root@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def amqp_url() -> str:
+    return AMQP_URL
+
+
+@pytest.fixture
+async def amqp():
+    """A connection of the test's own, to publish and inspect with."""
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def queue_name(amqp):
+    """A unique queue (and exchange) name; the queues and exchanges are deleted afterwards."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    yield name
+    channel = await amqp.channel()
+    for queue in (name, f"{name}.dead"):
+        await channel.queue_delete(queue, if_unused=False, if_empty=False)
+    for exchange in (name, f"{name}.dlx"):
+        await channel.exchange_delete(exchange)
+    await channel.close()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mayhem.db'}"
+
+
+@pytest.fixture
+async def pg_url():
+    """A PostgreSQL URL whose search_path is a schema of this test's own (dropped after)."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(PG_URL)
+    try:
+        await admin.execute(f"CREATE SCHEMA {schema}")
+        yield f"{PG_URL}?search_path={schema}"
+        await admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Each test that asks for it runs on both backends."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_url")
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def make_config(amqp_url: str, queue_name: str, sqlite_url: str):
+    """Build a Config for this test's queue, exchange and database."""
+
+    def make(**overrides: object) -> Config:
+        values: dict[str, object] = {
+            "amqp_url": amqp_url,
+            "queue": queue_name,
+            "exchange": queue_name,
+            "db_url": sqlite_url,
+            "metrics_addr": "127.0.0.1:0",
+            "log_format": "text",
+            "loop": "asyncio",
+        }
+        values.update(overrides)
+        return Config.load(flags=values, environ={})
+
+    return make
+
+
+@pytest.fixture
+async def spawn():
+    """Start ``mayhem run`` processes; kill any left at the end and print their logs."""
+    from mayhem_testing import DaemonProcess  # noqa: PLC0415 -- needs sys.path set above
+
+    started: list[DaemonProcess] = []
+
+    def make(args: list[str], env: dict[str, str] | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(args, env)
+        started.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in started:
+        await daemon.kill()
+        print(f"--- daemon pid {daemon.proc.pid if daemon.proc else '-'} log ---")  # noqa: T201
+        print("\n".join(daemon.raw[-80:]))  # noqa: T201

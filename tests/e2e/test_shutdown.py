@@ -1,0 +1,142 @@
+"""The daemon as a process, stopped by signals: nothing lost, nothing applied twice."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+from mayhem_testing import DaemonProcess, declare, http_get, oracle, publish, rows, wait_until
+
+
+def _args(config, *extra: str) -> list[str]:
+    return [
+        "--amqp-url", config.amqp_url,
+        "--queue", config.queue,
+        "--exchange", config.exchange,
+        "--db-url", config.db_url,
+        *extra,
+    ]  # fmt: skip
+
+
+async def _in_flight(daemon: DaemonProcess) -> float:
+    _, text = await http_get(daemon.metrics_addr, "/metrics")
+    for line in text.splitlines():
+        if line.startswith("mayhem_messages_in_flight "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def test_sigterm_under_load_loses_nothing(amqp, make_config, db_url, spawn):
+    """SIGTERM with the prefetch window in flight and thousands ready.
+
+    1. Publish 3,000 messages; run the daemon with 32 workers and a 20 ms handler.
+    2. Once a few hundred are applied and the window is full, send SIGTERM.
+    3. Exit 0; every confirmed id is applied once or back in the queue.
+    """
+    config = make_config(db_url=db_url)
+    await declare(amqp, config)
+    ids = await publish(amqp, config.queue, [b'{"n": 1}'] * 3000)
+    daemon = spawn(
+        _args(config, "--handler", "sample_handlers:record", "--concurrency", "32"),
+        env={"SAMPLE_HANDLER_DELAY": "0.02"},
+    )
+    await daemon.start()
+    try:
+        await wait_until(lambda: _count_at_least(db_url, 300), timeout=30)
+        await wait_until(lambda: _in_flight_at_least(daemon, 16), timeout=10)
+        assert await daemon.stop() == 0
+    finally:
+        await daemon.kill()
+    verdict = await oracle(amqp, config.queue, db_url, ids)
+    assert verdict.lost == frozenset()
+    assert verdict.duplicates == 0
+    assert verdict.queued > 0, "the stop came mid-stream"
+    assert verdict.applied + verdict.queued == 3000
+    summary = daemon.events("shutdown complete")
+    assert len(summary) == 1
+    assert len(daemon.events("shutdown step")) == 7
+    assert daemon.tracebacks() == []
+
+
+async def _count_at_least(db_url: str, n: int) -> bool:
+    return (await rows(db_url, "SELECT count(*) FROM applied"))[0][0] >= n
+
+
+async def _in_flight_at_least(daemon: DaemonProcess, n: int) -> bool:
+    return await _in_flight(daemon) >= n
+
+
+async def test_second_sigterm_stops_waiting(amqp, make_config, spawn):
+    """A second SIGTERM during the drain: the stuck handler is cancelled, its message requeued.
+
+    1. A handler that never returns; drain_timeout far away (60 s).
+    2. SIGTERM, wait for the drain to begin, SIGTERM again.
+    3. The daemon exits 0 within two seconds of the second signal; the message is queued.
+    """
+    config = make_config()
+    await declare(amqp, config)
+    ids = await publish(amqp, config.queue, [b"stuck"])
+    daemon = spawn(
+        _args(
+            config,
+            "--handler",
+            "sample_handlers:stuck",
+            "--drain-timeout",
+            "60",
+            "--loop",
+            "asyncio",
+        )
+    )
+    await daemon.start()
+    try:
+        await wait_until(lambda: _in_flight_at_least(daemon, 1), timeout=10)
+        daemon.signal(signal.SIGTERM)
+        await daemon.wait_for(lambda e: "step 3/7" in e["event"], timeout=10)
+        second = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait(timeout=10) == 0
+        took = time.monotonic() - second
+    finally:
+        await daemon.kill()
+    assert took < 2.0, f"exit took {took:.2f} s after the second signal"
+    verdict = await oracle(amqp, config.queue, config.db_url, ids)
+    assert verdict.queued == 1
+    assert verdict.rows == 0
+    assert daemon.events("second signal: cancelling 1 handlers")
+
+
+async def test_stuck_handler_cancelled_at_drain_deadline(amqp, make_config, db_url, spawn):
+    """A handler that never returns is cancelled at drain_timeout; its transaction rolls back.
+
+    1. A handler that writes a row, then blocks forever; drain_timeout 1 s.
+    2. SIGTERM once.
+    3. Exit 0; the row is not there (rolled back); the message is back in the queue.
+    """
+    config = make_config(db_url=db_url)
+    await declare(amqp, config)
+    ids = await publish(amqp, config.queue, [b"stuck"])
+    daemon = spawn(_args(config, "--handler", "sample_handlers:stuck", "--drain-timeout", "1"))
+    await daemon.start()
+    await wait_until(lambda: _in_flight_at_least(daemon, 1), timeout=10)
+    assert await daemon.stop(timeout=20) == 0
+    stuck_rows = "SELECT count(*) FROM applied WHERE message_id = 'stuck-started'"
+    assert await rows(config.db_url, stuck_rows) == [(0,)]
+    verdict = await oracle(amqp, config.queue, config.db_url, ids)
+    assert verdict.lost == frozenset()
+    assert verdict.queued == 1
+    assert daemon.events("drain_timeout: cancelling 1 handlers")
+
+
+async def test_sigint_is_graceful_too(amqp, make_config, spawn):
+    """SIGINT (Ctrl-C) starts the same graceful shutdown as SIGTERM."""
+    config = make_config()
+    daemon = spawn(_args(config, "--handler", "sample_handlers:record"))
+    await daemon.start()
+    try:
+        daemon.signal(signal.SIGINT)
+        assert await daemon.wait(timeout=20) == 0
+    finally:
+        await daemon.kill()
+    assert daemon.events("shutdown begins (SIGINT)")
+    assert daemon.tracebacks() == []

@@ -1,0 +1,302 @@
+"""Test helpers: publishing with confirms, draining queues, the oracle, the daemon process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiosqlite
+import asyncpg
+import attrs
+
+from mayhem.broker import declare_topology
+from mayhem.config import Config
+
+ROOT = Path(__file__).resolve().parents[2]
+SUPPORT = Path(__file__).resolve().parent
+
+
+async def declare(connection: aio_pika.abc.AbstractConnection, config: Config) -> None:
+    """Declare the daemon's topology so that messages can be published before it starts."""
+    channel = await connection.channel()
+    await declare_topology(channel, config)
+    await channel.close()
+
+
+async def publish(
+    connection: aio_pika.abc.AbstractConnection,
+    queue: str,
+    bodies: list[bytes],
+    *,
+    message_ids: list[str] | None = None,
+    **properties: Any,
+) -> list[str]:
+    """Publish to ``queue`` through the default exchange with confirms; return the ids."""
+    ids = message_ids or [uuid.uuid4().hex for _ in bodies]
+    channel = await connection.channel(publisher_confirms=True)
+    try:
+        sends = [
+            channel.default_exchange.publish(
+                aio_pika.Message(
+                    body,
+                    message_id=mid or None,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    **properties,
+                ),
+                routing_key=queue,
+            )
+            for body, mid in zip(bodies, ids, strict=True)
+        ]
+        for start in range(0, len(sends), 500):
+            await asyncio.gather(*sends[start : start + 500])
+    finally:
+        await channel.close()
+    return ids
+
+
+async def drain(connection: aio_pika.abc.AbstractConnection, queue: str) -> list[Any]:
+    """Take every message left in ``queue`` (acked); return them."""
+    channel = await connection.channel()
+    taken = []
+    try:
+        q = await channel.get_queue(queue, ensure=False)
+        while (message := await q.get(fail=False, no_ack=False)) is not None:
+            await message.ack()
+            taken.append(message)
+    finally:
+        await channel.close()
+    return taken
+
+
+async def rows(db_url: str, sql: str) -> list[tuple[Any, ...]]:
+    """Run a query on the test's database (SQLite file or PostgreSQL schema)."""
+    if db_url.startswith("sqlite"):
+        async with aiosqlite.connect(db_url.removeprefix("sqlite:///")) as db:
+            async with db.execute(sql) as cursor:
+                return [tuple(row) for row in await cursor.fetchall()]
+    base, _, query = db_url.partition("?")
+    settings = dict(part.split("=", 1) for part in query.split("&") if part)
+    conn = await asyncpg.connect(base, server_settings=settings)
+    try:
+        return [tuple(record) for record in await conn.fetch(sql)]
+    finally:
+        await conn.close()
+
+
+@attrs.frozen
+class Verdict:
+    """The oracle's counts (RELIABILITY.md)."""
+
+    confirmed: int
+    applied: int
+    rows: int
+    dead: int
+    queued: int
+    lost: frozenset[str]
+
+    @property
+    def duplicates(self) -> int:
+        return self.rows - self.applied
+
+
+async def oracle(
+    connection: aio_pika.abc.AbstractConnection,
+    queue: str,
+    db_url: str,
+    confirmed: list[str],
+    table: str = "applied",
+) -> Verdict:
+    """Every confirmed id is applied once, dead-lettered, or still queued."""
+    applied_rows = [row[0] for row in await rows(db_url, f"SELECT message_id FROM {table}")]
+    dead = {m.message_id for m in await drain(connection, f"{queue}.dead")}
+    queued = {m.message_id for m in await drain(connection, queue)}
+    applied = set(applied_rows) & set(confirmed)
+    lost = set(confirmed) - applied - dead - queued
+    return Verdict(
+        confirmed=len(confirmed),
+        applied=len(applied),
+        rows=len([r for r in applied_rows if r in set(confirmed)]),
+        dead=len(dead),
+        queued=len(queued),
+        lost=frozenset(lost),
+    )
+
+
+def rabbitmqctl(*args: str) -> str:
+    """Run rabbitmqctl (as root, on this machine) and return its output."""
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, check=True, timeout=60
+    )
+    return done.stdout
+
+
+def connections_of(pid: int) -> list[str]:
+    """Names of the broker connections that the process ``pid`` opened."""
+    names = rabbitmqctl("list_connections", "client_properties").splitlines()
+    found = []
+    for line in names:
+        marker = f"pid={pid} "
+        if marker in line:
+            start = line.index("mayhem ")
+            found.append(line[start : line.index('"', start)])
+    return found
+
+
+class DaemonProcess:
+    """``python -m mayhem run`` as a child process, with JSON logs read line by line.
+
+    Args:
+        args: extra command-line arguments.
+        env: extra environment variables.
+    """
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(SUPPORT), str(ROOT)]),
+            **(env or {}),
+        }
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lines: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self.metrics_addr: str | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._waiters: list[tuple[Any, asyncio.Future[dict[str, Any]]]] = []
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def start(self, *, wait_ready: bool = True) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "mayhem",
+            "run",
+            "--log-format",
+            "json",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            *self.args,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=self.env,
+            start_new_session=True,
+        )
+        self._reader = asyncio.create_task(self._read())
+        if wait_ready:
+            started = await self.wait_for(lambda e: e["event"].startswith("mayhem started"), 30)
+            self.metrics_addr = started.get("metrics_addr")
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            text = raw.decode(errors="replace").rstrip("\n")
+            self.raw.append(text)
+            try:
+                entry = json.loads(text)
+            except ValueError:
+                entry = {"event": text, "level": "raw"}
+            self.lines.append(entry)
+            for match, future in list(self._waiters):
+                if not future.done() and match(entry):
+                    future.set_result(entry)
+        for _, future in self._waiters:
+            if not future.done():
+                future.set_exception(EOFError("\n".join(self.raw[-30:])))
+
+    async def wait_for(self, match: Any, timeout: float = 30) -> dict[str, Any]:
+        """Wait for a log entry for which ``match(entry)`` is true (past ones count)."""
+        for entry in self.lines:
+            if match(entry):
+                return entry
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        if self._reader is not None and self._reader.done():
+            raise EOFError("\n".join(self.raw[-30:]))
+        self._waiters.append((match, future))
+        return await asyncio.wait_for(future, timeout)
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        if self._reader is not None:
+            await self._reader
+        return code
+
+    async def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, then wait for the exit code."""
+        self.signal(signal.SIGTERM)
+        return await self.wait(timeout)
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await self._reader
+
+    def events(self, prefix: str) -> list[dict[str, Any]]:
+        return [e for e in self.lines if str(e.get("event", "")).startswith(prefix)]
+
+    def tracebacks(self) -> list[str]:
+        return [e["exception"] for e in self.lines if "exception" in e]
+
+
+async def http_get(addr: str, path: str) -> tuple[int, str]:
+    """A tiny HTTP GET on loopback, enough for /metrics, /healthz and /readyz."""
+    host, _, port = addr.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        data = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = data.decode().partition("\r\n\r\n")
+    status = int(head.split()[1])
+    if "transfer-encoding: chunked" in head.lower():
+        body = _unchunk(body)
+    return status, body
+
+
+def _unchunk(body: str) -> str:
+    out = []
+    while body:
+        size_text, _, rest = body.partition("\r\n")
+        size = int(size_text, 16)
+        if size == 0:
+            break
+        out.append(rest[:size])
+        body = rest[size + 2 :]
+    return "".join(out)
+
+
+async def wait_until(predicate: Any, timeout: float = 30, interval: float = 0.05) -> None:
+    """Poll ``predicate()`` (sync or async) until it is true; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)  # waits on the condition above, polled

@@ -1,0 +1,81 @@
+"""Handlers the tests run the daemon with (imported by path, as users' handlers are).
+
+The ``applied`` table has no unique constraint on purpose: a message applied twice would show
+as two rows, which is what the oracle looks for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import mayhem
+
+DELAY = float(os.environ.get("SAMPLE_HANDLER_DELAY", "0"))
+
+
+async def _setup(db) -> None:
+    await db.execute(
+        "CREATE TABLE IF NOT EXISTS applied (message_id TEXT NOT NULL, at DOUBLE PRECISION)"
+    )
+
+
+class _Record:
+    """Sleeps SAMPLE_HANDLER_DELAY seconds, then inserts a row in ``applied``."""
+
+    setup = staticmethod(_setup)
+
+    async def __call__(self, message: mayhem.Message, ctx: mayhem.Context) -> None:
+        if DELAY:
+            await asyncio.sleep(DELAY)
+        await ctx.db.execute(
+            "INSERT INTO applied (message_id, at) VALUES ($1, $2)", message.message_id, time.time()
+        )
+
+
+record = _Record()
+
+
+class _Stuck(_Record):
+    """Never returns for a body of b'stuck'; records any other message."""
+
+    async def __call__(self, message: mayhem.Message, ctx: mayhem.Context) -> None:
+        if message.body == b"stuck":
+            await ctx.db.execute(
+                "INSERT INTO applied (message_id, at) VALUES ($1, $2)", "stuck-started", time.time()
+            )
+            await asyncio.Event().wait()
+        await super().__call__(message, ctx)
+
+
+stuck = _Stuck()
+
+
+class _Failing(_Record):
+    """Raises for a body of b'fail', rejects b'reject', records anything else."""
+
+    async def __call__(self, message: mayhem.Message, ctx: mayhem.Context) -> None:
+        if message.body == b"fail":
+            await ctx.db.execute("INSERT INTO applied (message_id) VALUES ($1)", "rolled-back")
+            raise ValueError("boom")
+        if message.body == b"reject":
+            raise mayhem.Reject("not for us")
+        message.json()
+        await super().__call__(message, ctx)
+
+
+failing = _Failing()
+
+
+def sync_record(message: mayhem.Message, ctx: mayhem.SyncContext) -> None:
+    """A plain def handler: runs in a thread, writes through the blocking ctx.db."""
+    ctx.db.execute(
+        "INSERT INTO applied (message_id, at) VALUES ($1, $2)", message.message_id, time.time()
+    )
+
+
+sync_record.setup = _setup  # type: ignore[attr-defined]
+
+
+not_callable = 42
