@@ -123,6 +123,7 @@ class Broker:
         self.queue: AbstractRobustQueue | None = None
         self._on_reconnect: list[Any] = []
         self._closing = False
+        self._up = True
 
     @property
     def connected(self) -> bool:
@@ -169,11 +170,13 @@ class Broker:
         log.info("broker connected: %s", mask_url(config.amqp_url))
 
     def _lost(self, _: Any, exc: BaseException | None = None) -> None:  # noqa: ANN401
-        if self._closing:
-            return
+        if self._closing or not self._up:
+            return  # closing on purpose, or a reconnect attempt failed: aio-pika logs those
+        self._up = False
         log.warning("broker connection lost: %s", _describe(exc) if exc else "closed")
 
     def _restored(self, connection: Any) -> None:  # noqa: ANN401
+        self._up = True
         self._metrics.broker_reconnects.inc()
         log.info("broker connection re-established")
         for callback in self._on_reconnect:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Final
 
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, ConsumerTag
@@ -24,7 +24,10 @@ CANCEL_TIMEOUT: Final = 5.0
 
 def is_stale(delivery: AbstractIncomingMessage) -> bool:
     """The delivery's channel is gone: its tag means nothing now, the broker redelivers it."""
-    return bool(delivery.channel.is_closed)
+    try:
+        return bool(delivery.channel.is_closed)
+    except ChannelInvalidStateError:  # aio-pika's way of saying the channel is closed
+        return True
 
 
 class Settler:
@@ -44,7 +47,7 @@ class Settler:
             return False
         try:
             await delivery.ack()
-        except CONNECTION_EXCEPTIONS as exc:
+        except Exception as exc:  # whatever it is, the broker will redeliver
             log.info("ack failed (%s): the broker will redeliver", exc)
             self._metrics.stale_deliveries.inc()
             return False
@@ -57,7 +60,7 @@ class Settler:
             return False
         try:
             await delivery.nack(requeue=True)
-        except CONNECTION_EXCEPTIONS as exc:
+        except Exception as exc:  # whatever it is, the broker will redeliver
             log.info("requeue failed (%s): the broker will redeliver", exc)
             self._metrics.stale_deliveries.inc()
             return False
@@ -128,7 +131,11 @@ class Consumer:
                 requeued += 1
 
     def drop_stale(self) -> int:
-        """Remove deliveries of a closed channel from the buffer (after a reconnect)."""
+        """Remove deliveries of a closed channel from the buffer (after a reconnect).
+
+        The broker requeued them when the channel closed; running their handlers now would
+        only find them again later as duplicates.
+        """
         keep: list[AbstractIncomingMessage | None] = []
         dropped = 0
         while not self._buffer.empty():

@@ -29,6 +29,22 @@ class _MessageIdFilter(logging.Filter):
         return True
 
 
+class _LibraryTracebacks(logging.Filter):
+    """aio-pika and aiormq log connection losses as errors with tracebacks.
+
+    mayhem survives those by design, so they become one-line warnings; the traceback stays
+    available at DEBUG.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(("aio_pika", "aiormq")) and record.levelno >= logging.WARNING:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            if not logging.getLogger().isEnabledFor(logging.DEBUG):
+                record.exc_info = None
+                record.exc_text = None
+        return True
+
+
 class JSONFormatter(logging.Formatter):
     """Formats a record as one JSON object: time, level, logger, event, message_id, fields."""
 
@@ -70,6 +86,7 @@ def setup(log_format: str, level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(_MessageIdFilter())
+    handler.addFilter(_LibraryTracebacks())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION: Final = 1
 INBOX_TABLE: Final = "mayhem_inbox"
+# The advisory lock that serializes schema changes of daemons starting together.
+SCHEMA_LOCK: Final = 0x6D61796865
 _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS mayhem_schema (version INTEGER NOT NULL)",
     f"""CREATE TABLE IF NOT EXISTS {INBOX_TABLE} (
@@ -173,9 +175,20 @@ class Store(abc.ABC):
         return len(rows)
 
     async def run_setup(self, setup: Callable[[Transaction], Awaitable[None]]) -> None:
-        """Run a handler's one-time setup (such as ``CREATE TABLE``) in its own transaction."""
-        async with self.transaction() as tx:
-            await setup(tx)
+        """Run a handler's one-time setup (such as ``CREATE TABLE``) in its own transaction.
+
+        Raises:
+            StartupError: the setup failed.
+        """
+        try:
+            async with self.transaction() as tx:
+                await self._serialize_setup(tx)
+                await setup(tx)
+        except Exception as exc:
+            raise StartupError(f"handler setup failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _serialize_setup(self, tx: Transaction) -> None:  # noqa: B027 -- SQLite: BEGIN IMMEDIATE serializes already
+        """Keep daemons starting together from running their setups at the same time."""
 
 
 def open_store(db_url: str, *, pool_size: int) -> Store:
@@ -413,7 +426,7 @@ class PostgresStore(Store):
                 server_settings={"application_name": "mayhem"},
             )
             async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(726562)")
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
                 for statement in _SCHEMA:
                     await conn.execute(statement)
                 version = await conn.fetchval("SELECT max(version) FROM mayhem_schema")
@@ -440,6 +453,10 @@ class PostgresStore(Store):
         except (TimeoutError, *_PG_OUTAGE) as exc:
             log.warning("PostgreSQL pool did not close in %.1f s (%r): terminating", timeout, exc)
             pool.terminate()
+
+    async def _serialize_setup(self, tx: Transaction) -> None:
+        # Concurrent CREATE TABLE IF NOT EXISTS can fail in PostgreSQL (pg_type unique key).
+        await tx.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
 
     def _require_pool(self) -> asyncpg.Pool:
         if self._pool is None:

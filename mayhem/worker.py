@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import enum
 import functools
 import inspect
 import logging
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 import aio_pika
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
+from mayhem.consumer import is_stale
 from mayhem.exceptions import Reject, StoreUnavailable
 from mayhem.logs import MESSAGE_ID
 from mayhem.message import ATTEMPT_HEADER, Context, SyncContext, build_message
@@ -43,6 +45,16 @@ handler_log = logging.getLogger("mayhem.handler")
 
 MAX_ERROR_HEADER: Final = 1000
 HOST: Final = socket.gethostname()
+
+
+class Outcome(enum.Enum):
+    """What applying a message came to; decides how it is settled."""
+
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"
+    STORE_DOWN = "store_down"
+    REJECTED = "rejected"
+    FAILED = "failed"
 
 
 class _AlreadyApplied(Exception):  # noqa: N818 -- control flow, never escapes this module
@@ -108,35 +120,42 @@ class Workers:
                 await _shielded(self._settler.requeue(delivery))
 
     async def _process(self, delivery: AbstractIncomingMessage) -> None:
-        if delivery.channel.is_closed:
+        if is_stale(delivery):
             self._metrics.stale_deliveries.inc()
             return
+        token = MESSAGE_ID.set(delivery.message_id)
         self.in_flight += 1
         started = time.perf_counter()
         try:
-            await self._handle(delivery)
-        except asyncio.CancelledError:
-            # Shutdown's drain deadline passed: the transaction has rolled back.
-            self.cancelled += 1
-            await _shielded(self._settler.requeue(delivery))
-            raise
+            try:
+                outcome, error = await self._apply(delivery)
+            except asyncio.CancelledError:
+                # Shutdown's drain deadline passed: the transaction has rolled back.
+                self.cancelled += 1
+                await _shielded(self._settler.requeue(delivery))
+                raise
+            finally:
+                self.in_flight -= 1
+                self._metrics.handler_duration.observe(time.perf_counter() - started)
+            # Settling is apart from the handler's outcome: a failed ack is never a failed
+            # handler (the broker redelivers, and the inbox knows the message).
+            await self._settle(delivery, outcome, error)
         finally:
-            self.in_flight -= 1
-            self._metrics.handler_duration.observe(time.perf_counter() - started)
+            MESSAGE_ID.reset(token)
 
-    async def _handle(self, delivery: AbstractIncomingMessage) -> None:
+    async def _apply(  # noqa: PLR0911 -- one return per outcome reads best
+        self, delivery: AbstractIncomingMessage
+    ) -> tuple[Outcome, BaseException | None]:
+        """Run the handler and commit its effects with the inbox row; say what happened."""
         config = self._config
         try:
             message = build_message(delivery, config.max_message_bytes)
         except Reject as exc:
-            await self._dead_letter(delivery, exc, reason="rejected")
-            return
-        token = MESSAGE_ID.set(message.message_id)
+            return Outcome.REJECTED, exc
         tx: Transaction | None = None
         try:
             if await self._store.seen(config.queue, message.message_id):
-                await self._ack(delivery, duplicate=True)
-                return
+                return Outcome.DUPLICATE, None
             tx = self._store.transaction()
             async with asyncio.timeout(config.handler_timeout), tx:
                 logger = logging.LoggerAdapter(handler_log, {"message_id": message.message_id})
@@ -147,41 +166,48 @@ class Workers:
                     await self._run_sync(message, ctx)
                 if not await tx.claim(config.queue, message.message_id):
                     raise _AlreadyApplied
-            await self._ack(delivery, duplicate=False)
         except _AlreadyApplied:
-            await self._ack(delivery, duplicate=True)
+            return Outcome.DUPLICATE, None
         except StoreUnavailable as exc:
-            await self._store_outage(delivery, str(exc))
+            return Outcome.STORE_DOWN, exc
         except Reject as exc:
-            await self._dead_letter(delivery, exc, reason="rejected")
+            return Outcome.REJECTED, exc
         except Exception as exc:
             if tx is not None and tx.lost:
                 # The handler turned a lost connection into its own error: still an outage.
-                await self._store_outage(delivery, _describe(exc))
-            else:
-                log.warning("handler failed: %s", _describe(exc), exc_info=log.isEnabledFor(10))
-                await self._dead_letter(delivery, exc, reason="failed")
-        finally:
-            MESSAGE_ID.reset(token)
+                return Outcome.STORE_DOWN, exc
+            log.warning("handler failed: %s", _describe(exc), exc_info=log.isEnabledFor(10))
+            return Outcome.FAILED, exc
+        return Outcome.APPLIED, None
+
+    async def _settle(
+        self, delivery: AbstractIncomingMessage, outcome: Outcome, error: BaseException | None
+    ) -> None:
+        metrics = self._metrics
+        if outcome is Outcome.APPLIED:
+            if await self._settler.ack(delivery):
+                self.acked += 1
+                metrics.acked.inc()
+        elif outcome is Outcome.DUPLICATE:
+            if await self._settler.ack(delivery):
+                metrics.duplicate.inc()
+        elif outcome is Outcome.STORE_DOWN:
+            # Not the message's fault: back to the queue, not an attempt, not a dead letter.
+            why = _describe(error) if error else "unknown"
+            log.warning("database unavailable (%s): requeueing", why)
+            await self._settler.requeue(delivery)
+            self._on_store_outage(why)
+        else:
+            await self._dead_letter(
+                delivery,
+                error or RuntimeError("unknown failure"),
+                reason="rejected" if outcome is Outcome.REJECTED else "failed",
+            )
 
     async def _run_sync(self, message: Any, ctx: SyncContext) -> None:  # noqa: ANN401
         loop = asyncio.get_running_loop()
         call = functools.partial(contextvars.copy_context().run, self._handler, message, ctx)
         await loop.run_in_executor(None, call)
-
-    async def _ack(self, delivery: AbstractIncomingMessage, *, duplicate: bool) -> None:
-        if await self._settler.ack(delivery):
-            if duplicate:
-                self._metrics.duplicate.inc()
-            else:
-                self.acked += 1
-                self._metrics.acked.inc()
-
-    async def _store_outage(self, delivery: AbstractIncomingMessage, why: str) -> None:
-        # Not the message's fault: back to the queue, not an attempt, not a dead letter.
-        log.warning("database unavailable (%s): requeueing", why)
-        await self._settler.requeue(delivery)
-        self._on_store_outage(why)
 
     async def _dead_letter(
         self, delivery: AbstractIncomingMessage, exc: BaseException, *, reason: str

@@ -81,9 +81,9 @@ async def drain(connection: aio_pika.abc.AbstractConnection, queue: str) -> list
 async def rows(db_url: str, sql: str) -> list[tuple[Any, ...]]:
     """Run a query on the test's database (SQLite file or PostgreSQL schema)."""
     if db_url.startswith("sqlite"):
-        async with aiosqlite.connect(db_url.removeprefix("sqlite:///")) as db:
-            async with db.execute(sql) as cursor:
-                return [tuple(row) for row in await cursor.fetchall()]
+        path = db_url.removeprefix("sqlite:///")
+        async with aiosqlite.connect(path) as db, db.execute(sql) as cursor:
+            return [tuple(row) for row in await cursor.fetchall()]
     base, _, query = db_url.partition("?")
     settings = dict(part.split("=", 1) for part in query.split("&") if part)
     conn = await asyncpg.connect(base, server_settings=settings)
@@ -141,15 +141,30 @@ def rabbitmqctl(*args: str) -> str:
 
 
 def connections_of(pid: int) -> list[str]:
-    """Names of the broker connections that the process ``pid`` opened."""
-    names = rabbitmqctl("list_connections", "client_properties").splitlines()
-    found = []
-    for line in names:
-        marker = f"pid={pid} "
-        if marker in line:
-            start = line.index("mayhem ")
-            found.append(line[start : line.index('"', start)])
-    return found
+    """The broker's ids (Erlang pids) of the connections that the OS process ``pid`` opened.
+
+    mayhem names its connections ``mayhem <role> host=... pid=... queue=...``, so a test
+    closes its own daemon's connections and never another process's.
+    """
+    listing = rabbitmqctl("list_connections", "pid", "client_properties").splitlines()
+    return [line.split("\t", 1)[0] for line in listing if f"pid={pid} " in line]
+
+
+def close_connections_of(pid: int) -> int:
+    """Close every broker connection of the OS process ``pid``; return how many."""
+    found = connections_of(pid)
+    for connection in found:
+        rabbitmqctl("close_connection", connection, "closed by a mayhem test")
+    return len(found)
+
+
+async def metric(addr: str, name: str) -> float:
+    """One sample from a daemon's /metrics (0 when absent)."""
+    _, text = await http_get(addr, "/metrics")
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 class DaemonProcess:
@@ -201,7 +216,8 @@ class DaemonProcess:
             self.metrics_addr = started.get("metrics_addr")
 
     async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
+        assert self.proc is not None
+        assert self.proc.stderr is not None
         async for raw in self.proc.stderr:
             text = raw.decode(errors="replace").rstrip("\n")
             self.raw.append(text)
