@@ -193,6 +193,7 @@ class Config:
     max_attempts: int = 5
     retry_delays: tuple[float, ...] | None = None
     max_message_bytes: int = 1024 * 1024
+    missing_id: str = "dead-letter"
     db_url: str = "sqlite:///mayhem.db"
     inbox_retention: float = 7 * 86400.0
     metrics_addr: str | None = "127.0.0.1:9464"
@@ -315,6 +316,7 @@ _PARSERS: Final[dict[str, Callable[[object], Any]]] = {
     "max_attempts": _parse_int(1, 100),
     "retry_delays": _parse_delays,
     "max_message_bytes": _parse_int(1, 128 * 1024 * 1024),
+    "missing_id": _parse_choice("dead-letter", "content-hash"),
     "db_url": _parse_db_url,
     "inbox_retention": _parse_float(0.0, 10 * 365 * 86400.0),
     "metrics_addr": _parse_addr,

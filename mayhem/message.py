@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from typing import TYPE_CHECKING, Any, Final
@@ -56,11 +57,14 @@ class Message:
             if media_type not in JSON_TYPES:
                 raise DecodeError(f"content_type {media_type!r} is not JSON")
         try:
-            return json.loads(self.body)
-        except RecursionError:
-            raise DecodeError("JSON nested too deeply") from None
+            # RFC 8259: JSON between systems is UTF-8; json.loads would guess UTF-16 too.
+            text = self.body.decode("utf-8")
         except UnicodeDecodeError:
             raise DecodeError("body is not valid UTF-8") from None
+        try:
+            return json.loads(text)
+        except RecursionError:
+            raise DecodeError("JSON nested too deeply") from None
         except json.JSONDecodeError as exc:
             raise DecodeError(f"body is not valid JSON: {exc.msg} at offset {exc.pos}") from None
         except ValueError as exc:  # e.g. an integer past sys.get_int_max_str_digits()
@@ -95,15 +99,26 @@ class SyncContext:
     log: logging.LoggerAdapter[logging.Logger]
 
 
-def build_message(delivery: AbstractIncomingMessage, max_bytes: int) -> Message:
+def build_message(
+    delivery: AbstractIncomingMessage, max_bytes: int, *, hash_missing_id: bool = False
+) -> Message:
     """Turn an AMQP delivery into a :class:`Message`.
+
+    Args:
+        delivery: the AMQP delivery.
+        max_bytes: larger bodies are rejected.
+        hash_missing_id: a delivery without ``message_id`` gets ``sha256:<hex of body>``
+            instead of being rejected (two equal bodies are then the same message).
 
     Raises:
         Reject: the delivery cannot be handled at all (no ``message_id``, a body over the
             size limit or an empty one); it is dead-lettered at once.
     """
-    if not delivery.message_id:
-        raise Reject("missing message_id: cannot be applied exactly once")
+    message_id = delivery.message_id
+    if not message_id:
+        if not hash_missing_id:
+            raise Reject("missing message_id: cannot be applied exactly once")
+        message_id = "sha256:" + hashlib.sha256(delivery.body).hexdigest()
     size = len(delivery.body)
     if size > max_bytes:
         raise Reject(f"body of {size} bytes exceeds max_message_bytes ({max_bytes})")
@@ -112,7 +127,7 @@ def build_message(delivery: AbstractIncomingMessage, max_bytes: int) -> Message:
     headers = delivery.headers or {}
     attempt = headers.get(ATTEMPT_HEADER, 1)
     return Message(
-        message_id=delivery.message_id,
+        message_id=message_id,
         body=delivery.body,
         headers=headers,
         routing_key=delivery.routing_key or "",

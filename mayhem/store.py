@@ -11,13 +11,14 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import os
 import re
 import sqlite3
 import time
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Self
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 import aiosqlite
 import asyncpg
@@ -189,6 +190,11 @@ class Store(abc.ABC):
 
     async def _serialize_setup(self, tx: Transaction) -> None:  # noqa: B027 -- SQLite: BEGIN IMMEDIATE serializes already
         """Keep daemons starting together from running their setups at the same time."""
+
+
+def application_name() -> str:
+    """How mayhem's PostgreSQL sessions show in ``pg_stat_activity``: with the process id."""
+    return f"mayhem pid={os.getpid()}"
 
 
 def open_store(db_url: str, *, pool_size: int) -> Store:
@@ -407,11 +413,9 @@ class PostgresStore(Store):
     """PostgreSQL through an asyncpg pool sized to the concurrency."""
 
     def __init__(self, dsn: str, *, pool_size: int) -> None:
-        parts = urlsplit(dsn)
+        # asyncpg passes unknown query parameters as server settings (e.g. search_path).
         self._dsn = dsn
         self._shown = mask_url(dsn)
-        # asyncpg passes unknown query parameters as server settings (e.g. search_path).
-        self._settings = dict(parse_qsl(parts.query))
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
 
@@ -423,7 +427,7 @@ class PostgresStore(Store):
                 min_size=1,
                 max_size=self._pool_size,
                 command_timeout=60,
-                server_settings={"application_name": "mayhem"},
+                server_settings={"application_name": application_name()},
             )
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)

@@ -149,7 +149,11 @@ class Workers:
         """Run the handler and commit its effects with the inbox row; say what happened."""
         config = self._config
         try:
-            message = build_message(delivery, config.max_message_bytes)
+            message = build_message(
+                delivery,
+                config.max_message_bytes,
+                hash_missing_id=config.missing_id == "content-hash",
+            )
         except Reject as exc:
             return Outcome.REJECTED, exc
         tx: Transaction | None = None

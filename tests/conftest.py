@@ -115,3 +115,39 @@ async def spawn():
         await daemon.kill()
         print(f"--- daemon pid {daemon.proc.pid if daemon.proc else '-'} log ---")  # noqa: T201
         print("\n".join(daemon.raw[-80:]))  # noqa: T201
+
+
+@pytest.fixture
+def run_daemon():
+    """Run a Daemon in this test's loop: ``async with run_daemon(config) as daemon``.
+
+    The daemon is started and ready inside the block, and stopped (as by SIGTERM) after it.
+    """
+    import asyncio  # noqa: PLC0415
+    import contextlib  # noqa: PLC0415
+
+    from mayhem.daemon import Daemon  # noqa: PLC0415
+
+    @contextlib.asynccontextmanager
+    async def run(config: Config, **kwargs: object):
+        daemon = Daemon(config, environ={}, **kwargs)
+        task = asyncio.create_task(daemon.run())
+        ready = asyncio.create_task(_wait_ready(daemon))
+        done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            ready.cancel()
+            await task  # raises the startup error
+        try:
+            yield daemon
+        finally:
+            daemon.signals.stop_requested.set()
+            assert await task == 0
+
+    return run
+
+
+async def _wait_ready(daemon) -> None:
+    import asyncio  # noqa: PLC0415
+
+    while daemon.not_ready():
+        await asyncio.sleep(0.01)  # waits on daemon.not_ready(), polled

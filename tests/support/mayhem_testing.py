@@ -18,10 +18,12 @@ import aio_pika
 import aiosqlite
 import asyncpg
 import attrs
+import pika
 
 from mayhem.broker import declare_topology
 from mayhem.config import Config
 
+DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 ROOT = Path(__file__).resolve().parents[2]
 SUPPORT = Path(__file__).resolve().parent
 
@@ -62,6 +64,24 @@ async def publish(
     finally:
         await channel.close()
     return ids
+
+
+async def publish_without_id(queue: str, body: bytes) -> None:
+    """Publish with confirms but without a message_id (aiormq always adds one; pika does not)."""
+
+    def send() -> None:
+        params = pika.URLParameters(os.environ.get("MAYHEM_TEST_AMQP_URL", DEFAULT_AMQP))
+        connection = pika.BlockingConnection(params)
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            channel.basic_publish(
+                "", queue, body, pika.BasicProperties(delivery_mode=2), mandatory=True
+            )
+        finally:
+            connection.close()
+
+    await asyncio.to_thread(send)
 
 
 async def drain(connection: aio_pika.abc.AbstractConnection, queue: str) -> list[Any]:

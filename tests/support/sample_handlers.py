@@ -79,3 +79,16 @@ sync_record.setup = _setup  # type: ignore[attr-defined]
 
 
 not_callable = 42
+
+
+class _SlowAfterWrite(_Record):
+    """Writes its row, then waits SAMPLE_HANDLER_DELAY seconds inside the transaction."""
+
+    async def __call__(self, message: mayhem.Message, ctx: mayhem.Context) -> None:
+        await ctx.db.execute(
+            "INSERT INTO applied (message_id, at) VALUES ($1, $2)", message.message_id, time.time()
+        )
+        await asyncio.sleep(DELAY)
+
+
+slow_after_write = _SlowAfterWrite()
