@@ -119,7 +119,7 @@ async def spawn():
 
 @pytest.fixture
 def run_daemon():
-    """Run a Daemon in this test's loop: ``async with run_daemon(config) as daemon``.
+    """Start a Daemon in this test's loop; use it as an async context manager.
 
     The daemon is started and ready inside the block, and stopped (as by SIGTERM) after it.
     """
@@ -147,7 +147,6 @@ def run_daemon():
 
 
 async def _wait_ready(daemon) -> None:
-    import asyncio  # noqa: PLC0415
+    from mayhem_testing import wait_until  # noqa: PLC0415
 
-    while daemon.not_ready():
-        await asyncio.sleep(0.01)  # waits on daemon.not_ready(), polled
+    await wait_until(lambda: not daemon.not_ready(), timeout=30, interval=0.01)

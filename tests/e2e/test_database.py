@@ -25,7 +25,7 @@ def _args(config, handler: str = "sample_handlers:record", *extra: str) -> list[
 
 
 def _pg_ctl(action: str) -> None:
-    version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[-1]
+    version = max(p.name for p in Path("/etc/postgresql").iterdir())
     command = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action]
     if action == "stop":
         command += ["-m", "fast"]

@@ -7,9 +7,8 @@ import logging
 
 import aio_pika
 import pytest
-from mayhem_testing import drain, oracle, publish, rows, wait_until
-
 import sample_handlers
+from mayhem_testing import drain, oracle, publish, rows, wait_until
 
 
 async def _applied(db_url: str) -> int:
@@ -161,8 +160,9 @@ async def test_demo_handler_and_demo_publisher(make_config, db_url, run_daemon):
 
 async def test_readiness_follows_the_broker_connection(amqp, make_config, run_daemon):
     """/readyz is not ready while the connection is down, and ready again once restored."""
-    from mayhem_testing import close_connections_of, http_get  # noqa: PLC0415
     import os  # noqa: PLC0415
+
+    from mayhem_testing import close_connections_of, http_get  # noqa: PLC0415
 
     config = make_config()
     async with run_daemon(config) as daemon:
