@@ -11,8 +11,10 @@ The handler API::
 from mayhem._version import __version__
 from mayhem.exceptions import DecodeError, MayhemError, Reject, Retry
 from mayhem.message import Context, Message, SyncContext
+from mayhem.store import BlockingTransaction, Transaction
 
 __all__ = [
+    "BlockingTransaction",
     "Context",
     "DecodeError",
     "MayhemError",
@@ -20,5 +22,6 @@ __all__ = [
     "Reject",
     "Retry",
     "SyncContext",
+    "Transaction",
     "__version__",
 ]
