@@ -35,11 +35,17 @@ async def one_run(args: argparse.Namespace, db_dir: Path) -> tuple[float, float]
         await publish(connection, queue, [b'{"host": "web-1"}'] * args.queued)
         daemon = DaemonProcess(
             [
-                "--queue", queue, "--exchange", queue,
-                "--handler", "bench_handlers:sleep",
-                "--concurrency", str(args.concurrency),
-                "--db-url", f"sqlite:///{db_dir / (queue + '.db')}",
-            ],  # fmt: skip
+                "--queue",
+                queue,
+                "--exchange",
+                queue,
+                "--handler",
+                "bench_handlers:sleep",
+                "--concurrency",
+                str(args.concurrency),
+                "--db-url",
+                f"sqlite:///{db_dir / (queue + '.db')}",
+            ],
             env={"BENCH_HANDLER_DELAY": str(args.handler_delay), "PYTHONPATH": str(HERE)},
         )
         daemon.env["PYTHONPATH"] += f":{HERE}:{HERE.parent}"
@@ -78,10 +84,8 @@ async def main() -> None:
     args = parser.parse_args()
     import tempfile  # noqa: PLC0415
 
-    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.rounds):
-            results.append(await one_run(args, Path(tmp)))
+        results = [await one_run(args, Path(tmp)) for _ in range(args.rounds)]
     totals = [t for t, _ in results]
     overheads = [t - d for t, d in results]
     print(

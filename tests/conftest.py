@@ -40,16 +40,22 @@ async def amqp():
 
 
 @pytest.fixture
-async def queue_name(amqp):
-    """A unique queue (and exchange) name; the queues and exchanges are deleted afterwards."""
+async def queue_name():
+    """A unique queue (and exchange) name; the queues and exchanges are deleted afterwards.
+
+    The clean-up opens a connection of its own: the test may have restarted the broker.
+    """
     name = f"test-{uuid.uuid4().hex[:12]}"
     yield name
-    channel = await amqp.channel()
-    for queue in (name, f"{name}.dead"):
-        await channel.queue_delete(queue, if_unused=False, if_empty=False)
-    for exchange in (name, f"{name}.dlx"):
-        await channel.exchange_delete(exchange)
-    await channel.close()
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        for queue in (name, f"{name}.dead"):
+            await channel.queue_delete(queue, if_unused=False, if_empty=False)
+        for exchange in (name, f"{name}.dlx"):
+            await channel.exchange_delete(exchange)
+    finally:
+        await connection.close()
 
 
 @pytest.fixture

@@ -115,3 +115,43 @@ async def test_same_message_id_twice_two_daemons(amqp, make_config, db_url, spaw
     verdict = await oracle(amqp, config.queue, db_url, unique)
     assert verdict.lost == frozenset()
     assert verdict.queued == 0
+
+
+async def test_broker_restart_mid_stream(amqp_url, make_config, spawn):
+    """The broker application stops and starts again mid-stream.
+
+    1. Publish 1,500 messages; the daemon applies a few hundred.
+    2. `rabbitmqctl stop_app`: the daemon is not ready while the broker is away.
+    3. `rabbitmqctl start_app`: it reconnects by itself and applies the rest, each once.
+    """
+    import aio_pika  # noqa: PLC0415
+    from mayhem_testing import http_get, rabbitmqctl  # noqa: PLC0415
+
+    config = make_config()
+    connection = await aio_pika.connect(amqp_url)
+    await declare(connection, config)
+    ids = await publish(connection, config.queue, [b"{}"] * 1500)
+    await connection.close()
+    daemon = spawn(_args(config), env={"SAMPLE_HANDLER_DELAY": "0.01"})
+    await daemon.start()
+    await wait_until(lambda: _at_least(config.db_url, 200), timeout=30)
+    try:
+        rabbitmqctl("stop_app")
+        await daemon.wait_for(lambda e: e["event"].startswith("broker connection lost"), 30)
+        status, body = await http_get(daemon.metrics_addr, "/readyz")
+        assert status == 503
+        assert "broker disconnected" in body
+    finally:
+        rabbitmqctl("start_app")
+        rabbitmqctl("await_startup")
+    await daemon.wait_for(lambda e: e["event"].startswith("consuming again"), 60)
+    await wait_until(lambda: _at_least(config.db_url, 1500), timeout=60)
+    assert await daemon.stop() == 0
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        verdict = await oracle(connection, config.queue, config.db_url, ids)
+    finally:
+        await connection.close()
+    assert verdict.lost == frozenset()
+    assert verdict.duplicates == 0
+    assert verdict.applied == 1500
