@@ -10,7 +10,10 @@ import argparse
 import asyncio
 import json
 import logging
+import math
+import os
 import sys
+import threading
 from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar
 
 from mayhem import logs
@@ -148,12 +151,29 @@ def _run(config: Config, args: argparse.Namespace) -> int:
 
     daemon = Daemon(config, config_file=args.config, flags=_flags(args))
     try:
-        return run_daemon(daemon, loop_factory(config.loop))
+        code = run_daemon(daemon, loop_factory(config.loop))
     except (ConfigError, StartupError):
         raise
     except Exception:
         log.exception("fatal error")
-        return EXIT_FATAL
+        code = EXIT_FATAL
+    _exit_despite_stuck_threads(code)
+    return code
+
+
+def _exit_despite_stuck_threads(code: int) -> None:
+    """Exit now if a plain ``def`` handler is still stuck in its thread.
+
+    Its message was requeued and its transaction rolled back at the drain deadline, but the
+    interpreter would wait for the thread forever at exit; a thread cannot be cancelled.
+    """
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if stuck:
+        log.warning("exiting with %d handler threads still running: %s", len(stuck), stuck)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _publish(config: Config, args: argparse.Namespace) -> int:
@@ -172,6 +192,8 @@ def _number(text: str, flag: str, kind: type[N], low: N) -> N:
         value = kind(text)
     except ValueError:
         raise ConfigError(f"{flag} must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{flag} must be a finite number, got {text!r}")
     if value < low:
         raise ConfigError(f"{flag} must be at least {low}, got {text!r}")
     return value

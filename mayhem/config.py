@@ -12,7 +12,7 @@ import os
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -30,16 +30,21 @@ SECRET_MASK: Final = "***"  # noqa: S105 -- the mask, not a password
 
 
 def mask_url(url: str) -> str:
-    """Return ``url`` with its password replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return SECRET_MASK
-    if parts.password is None:
+    """Return ``url`` with its password replaced by ``***``.
+
+    Works on the raw text, not on a parse: a password with an unencoded ``#``, ``/`` or ``?``
+    confuses URL parsers, and masking too much is safe.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
         return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:{SECRET_MASK}@{host}"))
+    user, colon, _ = userinfo.partition(":")
+    if not colon:
+        return url
+    return f"{scheme}{sep}{user}:{SECRET_MASK}@{host}"
 
 
 def _parse_int(low: int, high: int) -> Callable[[object], int]:
@@ -91,9 +96,15 @@ def _parse_choice(*choices: str) -> Callable[[object], str]:
     return parse
 
 
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError
+    return value.strip()
+
+
 def _parse_name(value: object) -> str:
     """a non-empty AMQP name of at most 200 characters."""
-    text = str(value).strip()
+    text = _text(value)
     if not text or len(text) > 200 or not text.isprintable():  # noqa: PLR2004
         raise ValueError
     return text
@@ -101,13 +112,13 @@ def _parse_name(value: object) -> str:
 
 def _parse_optional(value: object) -> str | None:
     """a string, or empty for none."""
-    text = str(value).strip()
+    text = _text(value)
     return text or None
 
 
 def _parse_amqp_url(value: object) -> str:
     """an amqp:// or amqps:// URL."""
-    text = str(value).strip()
+    text = _text(value)
     parts = urlsplit(text)
     if parts.scheme not in {"amqp", "amqps"} or not parts.hostname:
         raise ValueError
@@ -117,7 +128,7 @@ def _parse_amqp_url(value: object) -> str:
 
 def _parse_db_url(value: object) -> str:
     """sqlite:///relative.db, sqlite:////absolute.db or postgresql://user@host/db."""
-    text = str(value).strip()
+    text = _text(value)
     parts = urlsplit(text)
     if parts.scheme == "sqlite":
         if not parts.path.startswith("/") or len(parts.path) < 2 or parts.netloc:  # noqa: PLR2004
@@ -132,7 +143,7 @@ def _parse_db_url(value: object) -> str:
 
 def _parse_addr(value: object) -> str | None:
     """HOST:PORT, or 'off' to disable the endpoint."""
-    text = str(value).strip()
+    text = _text(value)
     if text.lower() in {"", "off", "none"}:
         return None
     host, sep, port = text.rpartition(":")
@@ -151,7 +162,7 @@ def _parse_level(value: object) -> str:
 
 def _parse_handler(value: object) -> str | None:
     """an import path of the form package.module:attribute."""
-    text = str(value).strip()
+    text = _text(value)
     if not text:
         return None
     module, sep, attr = text.partition(":")
@@ -273,7 +284,8 @@ class Config:
                 values[key] = parse(value)
             except (TypeError, ValueError, OverflowError):
                 shown = mask_url(str(value)) if key.endswith("url") else str(value)
-                msg = f"{key} must be {parse.__doc__}, got {shown!r} ({origin})"
+                what = (parse.__doc__ or "valid").rstrip(".")
+                msg = f"{key} must be {what}, got {shown!r} ({origin})"
                 raise ConfigError(msg) from None
         config = cls(**values)
         config.check()
@@ -346,6 +358,9 @@ def _read_toml(path: str) -> dict[str, object]:
     section = data.get("mayhem", data)
     if not isinstance(section, dict):
         raise ConfigError(f"config file {path}: [mayhem] must be a table")
+    if section is not data and len(data) > 1:
+        outside = min(key for key in data if key != "mayhem")
+        raise ConfigError(f"config file {path}: setting {outside!r} is outside the [mayhem] table")
     unknown = sorted(set(section) - set(_FIELDS))
     if unknown:
         raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r}")

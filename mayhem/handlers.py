@@ -36,8 +36,9 @@ def load_handler(path: str) -> Callable[..., Any]:
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise ConfigError(f"handler {path!r}: cannot import {module_name!r}: {exc}") from None
+    except (Exception, SystemExit) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"handler {path!r}: cannot import {module_name!r}: {first}") from None
     try:
         target = functools.reduce(getattr, attr.split("."), module)
     except AttributeError:

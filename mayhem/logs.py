@@ -29,15 +29,18 @@ class _MessageIdFilter(logging.Filter):
         return True
 
 
+_NOISY: Final = ("aio_pika", "aiormq", "asyncpg")
+
+
 class _LibraryTracebacks(logging.Filter):
-    """aio-pika and aiormq log connection losses as errors with tracebacks.
+    """aio-pika, aiormq and asyncpg log connection losses as errors with tracebacks.
 
     mayhem survives those by design, so they become one-line warnings; the traceback stays
     available at DEBUG.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith(("aio_pika", "aiormq")) and record.levelno >= logging.WARNING:
+        if record.name.startswith(_NOISY) and record.levelno >= logging.WARNING:
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             if not logging.getLogger().isEnabledFor(logging.DEBUG):
                 record.exc_info = None
@@ -61,10 +64,12 @@ class JSONFormatter(logging.Formatter):
         if message_id is not None:
             entry["message_id"] = message_id
         for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
+            if key not in _STANDARD and key not in entry and not key.startswith("_"):
                 entry[key] = value if isinstance(value, str | int | float | bool) else repr(value)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
         return json.dumps(entry, ensure_ascii=False)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -62,13 +63,17 @@ class Message:
         except UnicodeDecodeError:
             raise DecodeError("body is not valid UTF-8") from None
         try:
-            return json.loads(text)
+            return json.loads(text, parse_constant=_reject_constant)
         except RecursionError:
             raise DecodeError("JSON nested too deeply") from None
         except json.JSONDecodeError as exc:
             raise DecodeError(f"body is not valid JSON: {exc.msg} at offset {exc.pos}") from None
         except ValueError as exc:  # e.g. an integer past sys.get_int_max_str_digits()
             raise DecodeError(f"body is not decodable JSON: {exc}") from None
+
+
+def _reject_constant(name: str) -> None:
+    raise DecodeError(f"{name} is not valid JSON")
 
 
 @attrs.frozen(slots=True)
@@ -124,14 +129,14 @@ def build_message(
         raise Reject(f"body of {size} bytes exceeds max_message_bytes ({max_bytes})")
     if size == 0:
         raise Reject("empty body")
-    headers = delivery.headers or {}
+    headers = MappingProxyType(dict(delivery.headers or {}))
     attempt = headers.get(ATTEMPT_HEADER, 1)
     return Message(
         message_id=message_id,
         body=delivery.body,
         headers=headers,
         routing_key=delivery.routing_key or "",
-        attempt=attempt if isinstance(attempt, int) and attempt > 0 else 1,
+        attempt=attempt if type(attempt) is int and attempt > 0 else 1,
         redelivered=bool(delivery.redelivered),
         content_type=delivery.content_type,
     )

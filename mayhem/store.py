@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -17,7 +18,7 @@ import sqlite3
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 from urllib.parse import urlsplit
 
 import aiosqlite
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SCHEMA_VERSION: Final = 1
 INBOX_TABLE: Final = "mayhem_inbox"
@@ -224,13 +226,37 @@ def to_sqlite(sql: str) -> str:
 
 _PLACEHOLDER: Final = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$(\d+)")
 
-# SQLite errors that mean the database file cannot be used right now, not that the SQL is wrong.
-_SQLITE_OUTAGE: Final = ("locked", "disk", "unable to open", "readonly", "busy")
+# SQLite result codes that mean the database cannot be used right now, not that the SQL is
+# wrong (extended codes such as SQLITE_IOERR_FSYNC start with these).
+_SQLITE_OUTAGE: Final = (
+    "SQLITE_BUSY",
+    "SQLITE_LOCKED",
+    "SQLITE_IOERR",
+    "SQLITE_FULL",
+    "SQLITE_CANTOPEN",
+    "SQLITE_READONLY",
+    "SQLITE_PROTOCOL",
+)
+LOCKED_RETRY_SECONDS: Final = 10.0
 
 
 def _sqlite_outage(exc: sqlite3.Error) -> bool:
-    text = str(exc).lower()
-    return isinstance(exc, sqlite3.OperationalError) and any(w in text for w in _SQLITE_OUTAGE)
+    return str(getattr(exc, "sqlite_errorname", "")).startswith(_SQLITE_OUTAGE)
+
+
+async def _retry_locked(call: Callable[[], Awaitable[T]]) -> T:
+    """Run ``call``, retrying while another process holds the database (daemons starting)."""
+    deadline = time.monotonic() + LOCKED_RETRY_SECONDS
+    delay = 0.01
+    while True:
+        try:
+            return await call()
+        except sqlite3.OperationalError as exc:
+            name = str(getattr(exc, "sqlite_errorname", ""))
+            if not name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.5)
 
 
 class SQLiteStore(Store):
@@ -248,11 +274,22 @@ class SQLiteStore(Store):
         self._write_lock = asyncio.Lock()
 
     async def _connect(self) -> aiosqlite.Connection:
-        db = await aiosqlite.connect(self.path, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        await db.execute("PRAGMA busy_timeout = 5000")
-        await db.execute("PRAGMA journal_mode = WAL")
-        await db.execute("PRAGMA synchronous = FULL")
+        connection = aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            db = await connection
+        except BaseException:
+            # aiosqlite stops its thread without joining it (aiosqlite#241); join it here,
+            # or it outlives the loop and prints a traceback at exit.
+            await asyncio.to_thread(connection._thread.join, 5)  # noqa: SLF001
+            raise
+        try:
+            db.row_factory = sqlite3.Row
+            await db.execute("PRAGMA busy_timeout = 5000")
+            await _retry_locked(lambda: db.execute("PRAGMA journal_mode = WAL"))
+            await db.execute("PRAGMA synchronous = FULL")
+        except BaseException:
+            await db.close()
+            raise
         return db
 
     async def open(self) -> None:
@@ -261,9 +298,10 @@ class SQLiteStore(Store):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = await self._connect()
             self._reader = await self._connect()
+            writer = self._writer
             for statement in _SCHEMA:
-                await self._writer.execute(statement)
-            await _check_version_sqlite(self._writer)
+                await _retry_locked(functools.partial(writer.execute, statement))
+            await _retry_locked(lambda: _check_version_sqlite(writer))
         except (OSError, sqlite3.Error) as exc:
             await self.close(1.0)
             raise StartupError(f"cannot open SQLite database {self.path}: {exc}") from None
@@ -357,9 +395,8 @@ class _SQLiteTransaction(Transaction):
 
     async def claim(self, queue: str, message_id: str) -> bool:
         """Insert the inbox row unless it is there."""
-        db = await self._begin()
-        async with db.execute(to_sqlite(_CLAIM), (queue, message_id, time.time())) as cursor:
-            return cursor.rowcount == 1
+        rows = await self._run(_CLAIM + " RETURNING 1", (queue, message_id, time.time()))
+        return len(rows) == 1
 
     async def __aenter__(self) -> Self:
         return self
@@ -402,6 +439,7 @@ async def _quiet_rollback(db: aiosqlite.Connection) -> None:
 _PG_OUTAGE: Final = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,  # the protocol state broke with the connection
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
     OSError,
@@ -520,9 +558,12 @@ class _PostgresTransaction(Transaction):
         conn = await self._begin()
         try:
             return await call(conn)
-        except _PG_OUTAGE as exc:
-            self.lost = True
-            raise StoreUnavailable(_describe(exc)) from exc
+        except Exception as exc:
+            # An SQL error is the handler's; anything on a connection that is gone is not.
+            if isinstance(exc, _PG_OUTAGE) or conn.is_closed():
+                self.lost = True
+                raise StoreUnavailable(_describe(exc)) from exc
+            raise
 
     async def execute(self, sql: str, *args: object) -> None:
         """Run a statement in the transaction."""
@@ -550,13 +591,21 @@ class _PostgresTransaction(Transaction):
         conn, tx, self._conn, self._tx = self._conn, self._tx, None, None
         if conn is None:
             return
+        commit = exc_type is None
         try:
             # Shielded: a cancelled worker must still end its transaction and give the
             # connection back, or the pool leaks it.
-            await asyncio.shield(self._finish(conn, tx, commit=exc_type is None))
-        except _PG_OUTAGE as error:
-            if exc_type is None:
+            await asyncio.shield(self._finish(conn, tx, commit=commit))
+        except Exception as error:
+            if not commit:
+                # The block failed already and the server rolls back a transaction whose
+                # connection is gone: the first error is the one that counts.
+                log.debug("rollback failed: %s", _describe(error))
+            elif isinstance(error, _PG_OUTAGE) or conn.is_closed():
+                self.lost = True
                 raise StoreUnavailable(f"commit failed: {_describe(error)}") from error
+            else:
+                raise
 
     async def _finish(self, conn: PoolConnection, tx: Any, *, commit: bool) -> None:  # noqa: ANN401
         try:
@@ -564,5 +613,9 @@ class _PostgresTransaction(Transaction):
                 await tx.commit()
             else:
                 await tx.rollback()
+        except BaseException:
+            # Never give a connection in an unknown state back to the pool.
+            conn.terminate()
+            raise
         finally:
             await self._pool.release(conn)

@@ -67,10 +67,15 @@ def sqlite_url(tmp_path: Path) -> str:
 async def pg_url():
     """A PostgreSQL URL whose search_path is a schema of this test's own (dropped after)."""
     schema = f"t_{uuid.uuid4().hex[:12]}"
+    # A connection each time: the test may have restarted PostgreSQL in between.
     admin = await asyncpg.connect(PG_URL)
     try:
         await admin.execute(f"CREATE SCHEMA {schema}")
-        yield f"{PG_URL}?search_path={schema}"
+    finally:
+        await admin.close()
+    yield f"{PG_URL}?search_path={schema}"
+    admin = await asyncpg.connect(PG_URL)
+    try:
         await admin.execute(f"DROP SCHEMA {schema} CASCADE")
     finally:
         await admin.close()

@@ -1,0 +1,274 @@
+"""Message.json() and build_message(), from real aio-pika deliveries built of pamqp frames."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import aio_pika
+import aiormq.abc
+import attrs
+import pytest
+from pamqp import commands, header
+
+import mayhem
+from mayhem.message import ATTEMPT_HEADER, Message, build_message
+
+
+def delivery(
+    body: bytes = b'{"host": "h"}',
+    *,
+    message_id: str | None = "m-1",
+    headers: dict[str, Any] | None = None,
+    redelivered: bool = False,
+    routing_key: str | None = "rk",
+    content_type: str | None = None,
+) -> aio_pika.IncomingMessage:
+    """A real IncomingMessage, as aio-pika builds it from the frames of a basic.deliver."""
+    properties = commands.Basic.Properties(
+        message_id=message_id, headers=headers, content_type=content_type
+    )
+    delivered = aiormq.abc.DeliveredMessage(
+        delivery=commands.Basic.Deliver(
+            consumer_tag="ctag",
+            delivery_tag=1,
+            redelivered=redelivered,
+            exchange="",
+            routing_key=routing_key,
+        ),
+        header=header.ContentHeader(body_size=len(body), properties=properties),
+        body=body,
+        channel=None,  # type: ignore[arg-type]  # build_message never touches the channel
+    )
+    return aio_pika.IncomingMessage(delivered)
+
+
+def decode_error(message: Message) -> str:
+    """message.json() must raise DecodeError, a Reject; return its one-line reason."""
+    with pytest.raises(mayhem.DecodeError) as info:
+        message.json()
+    error = info.value
+    assert isinstance(error, mayhem.Reject)
+    assert isinstance(error, mayhem.MayhemError)
+    assert error.reason == str(error)
+    assert error.reason
+    assert "\n" not in error.reason
+    return error.reason
+
+
+# -- Message.json() -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"host": "h", "n": [1, 2.5, null, true]}', {"host": "h", "n": [1, 2.5, None, True]}),
+        (b"[]", []),
+        (b'"caf\xc3\xa9"', "caf\u00e9"),
+        (b"  42 \n", 42),
+    ],
+)
+def test_json_decodes_valid_json(body, expected):
+    """A UTF-8 JSON body decodes to its Python value."""
+    assert Message(message_id="m", body=body).json() == expected
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "",
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON;charset=UTF-8",
+        "text/json",
+    ],
+)
+def test_json_accepts_json_or_absent_content_type(content_type):
+    """With a JSON content type (parameters and case aside) or none, the body is decoded."""
+    message = Message(message_id="m", body=b'{"a": 1}', content_type=content_type)
+    assert message.json() == {"a": 1}
+
+
+@pytest.mark.parametrize(
+    ("content_type", "media_type"),
+    [
+        ("text/plain", "text/plain"),
+        ("text/plain; charset=utf-8", "text/plain"),
+        ("application/octet-stream", "application/octet-stream"),
+        ("application/jsonl", "application/jsonl"),
+    ],
+)
+def test_json_rejects_other_content_types(content_type, media_type):
+    """A content type that is set and is not JSON is a DecodeError naming it, even for JSON."""
+    message = Message(message_id="m", body=b'{"a": 1}', content_type=content_type)
+    assert decode_error(message) == f"content_type {media_type!r} is not JSON"
+
+
+@pytest.mark.parametrize("body", [b"{", b"", b"{'a': 1}", b'{"a":1}{', b"hello"])
+def test_json_invalid_json(body):
+    """A body that is not JSON is a DecodeError that says where."""
+    reason = decode_error(Message(message_id="m", body=body))
+    assert reason.startswith("body is not valid JSON: ")
+    assert " at offset " in reason
+
+
+@pytest.mark.parametrize("body", [b'{"a": "\xff"}', b'"\xc3\x28"', b"[\x80]"])
+def test_json_invalid_utf8(body):
+    """A body that is not UTF-8 is a DecodeError."""
+    assert decode_error(Message(message_id="m", body=body)) == "body is not valid UTF-8"
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"a":' * 100_000])
+def test_json_deeply_nested(body):
+    """A body nested too deeply for the decoder is a DecodeError, not a RecursionError."""
+    assert decode_error(Message(message_id="m", body=body)) == "JSON nested too deeply"
+
+
+@pytest.mark.parametrize("body", [b"1" * 100_000, b'{"n": -' + b"9" * 100_000 + b"}"])
+def test_json_huge_integer(body):
+    """An integer with 100,000 digits is a DecodeError, not a ValueError."""
+    reason = decode_error(Message(message_id="m", body=body))
+    assert reason.startswith("body is not decodable JSON: ")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'"\xed\xa0\x80"', '{"host": "h"}'.encode("utf-16"), '{"a": 1}'.encode("utf-32")],
+    ids=["surrogate", "utf16", "utf32"],
+)
+def test_json_other_encodings_are_not_utf8(body):
+    """A body in another encoding (UTF-16, UTF-32, a UTF-8-encoded surrogate) is a DecodeError."""
+    assert decode_error(Message(message_id="m", body=body)) == "body is not valid UTF-8"
+
+
+def test_json_utf8_bom_is_invalid_json():
+    """A UTF-8 byte order mark is not JSON: the body is a DecodeError."""
+    reason = decode_error(Message(message_id="m", body=b"\xef\xbb\xbf{}"))
+    assert reason.startswith("body is not valid JSON: ")
+
+
+def test_message_is_frozen():
+    """A Message cannot be changed: it is a frozen attrs class with slots."""
+    message = Message(message_id="m", body=b"{}")
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        message.body = b"[]"  # type: ignore[misc]
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        message.attempt = 2  # type: ignore[misc]
+    assert not hasattr(message, "__dict__")
+
+
+def test_message_defaults():
+    """A Message built from an id and a body is a first, fresh delivery."""
+    message = Message(message_id="m", body=b"{}")
+    assert message.headers == {}
+    assert message.routing_key == ""
+    assert message.attempt == 1
+    assert message.redelivered is False
+    assert message.content_type is None
+
+
+# -- build_message() ------------------------------------------------------------------------
+
+
+def test_build_message_copies_the_delivery():
+    """build_message takes id, body, headers, routing key and content type from the delivery."""
+    incoming = delivery(
+        b'{"host": "web-1"}',
+        message_id="abc",
+        headers={ATTEMPT_HEADER: 3, "trace": "t-1"},
+        routing_key="jobs",
+        content_type="application/json",
+    )
+    message = build_message(incoming, max_bytes=1024)
+    assert message == Message(
+        message_id="abc",
+        body=b'{"host": "web-1"}',
+        headers={ATTEMPT_HEADER: 3, "trace": "t-1"},
+        routing_key="jobs",
+        attempt=3,
+        redelivered=False,
+        content_type="application/json",
+    )
+    assert message.json() == {"host": "web-1"}
+
+
+@pytest.mark.parametrize("message_id", [None, ""])
+def test_build_message_without_message_id(message_id):
+    """A delivery without a message_id is rejected: it cannot be applied exactly once."""
+    with pytest.raises(mayhem.Reject) as info:
+        build_message(delivery(message_id=message_id), max_bytes=1024)
+    assert "message_id" in info.value.reason
+
+
+def test_build_message_missing_id_hashed_when_asked():
+    """With hash_missing_id, a delivery without message_id gets sha256:<hex of the body>."""
+    body = b'{"host": "h"}'
+    message = build_message(delivery(body, message_id=None), max_bytes=1024, hash_missing_id=True)
+    assert message.message_id == "sha256:" + hashlib.sha256(body).hexdigest()
+    given = build_message(delivery(body, message_id="m-9"), max_bytes=1024, hash_missing_id=True)
+    assert given.message_id == "m-9"
+
+
+def test_build_message_body_over_limit():
+    """A body over max_bytes is rejected with both sizes in the reason."""
+    with pytest.raises(mayhem.Reject) as info:
+        build_message(delivery(b"x" * 11), max_bytes=10)
+    assert info.value.reason == "body of 11 bytes exceeds max_message_bytes (10)"
+
+
+def test_build_message_body_at_limit():
+    """A body of exactly max_bytes is accepted."""
+    assert build_message(delivery(b"x" * 10), max_bytes=10).body == b"x" * 10
+
+
+def test_build_message_empty_body():
+    """An empty body is rejected."""
+    with pytest.raises(mayhem.Reject) as info:
+        build_message(delivery(b""), max_bytes=10)
+    assert info.value.reason == "empty body"
+
+
+@pytest.mark.parametrize(
+    ("headers", "attempt"),
+    [
+        (None, 1),
+        ({}, 1),
+        ({ATTEMPT_HEADER: 1}, 1),
+        ({ATTEMPT_HEADER: 2}, 2),
+        ({ATTEMPT_HEADER: 100}, 100),
+        ({ATTEMPT_HEADER: 0}, 1),
+        ({ATTEMPT_HEADER: -3}, 1),
+        ({ATTEMPT_HEADER: "3"}, 1),
+        ({ATTEMPT_HEADER: b"3"}, 1),
+        ({ATTEMPT_HEADER: 2.5}, 1),
+        ({ATTEMPT_HEADER: None}, 1),
+        ({ATTEMPT_HEADER: [2]}, 1),
+    ],
+)
+def test_build_message_attempt_header(headers, attempt):
+    """The attempt comes from x-mayhem-attempt when it is a positive integer, else it is 1."""
+    message = build_message(delivery(headers=headers), max_bytes=1024)
+    assert message.attempt == attempt
+    assert type(message.attempt) is int
+
+
+@pytest.mark.parametrize("redelivered", [True, False])
+def test_build_message_redelivered(redelivered):
+    """The redelivered flag of basic.deliver is passed through."""
+    message = build_message(delivery(redelivered=redelivered), max_bytes=1024)
+    assert message.redelivered is redelivered
+
+
+@pytest.mark.parametrize(("routing_key", "expected"), [("a.b.c", "a.b.c"), ("", ""), (None, "")])
+def test_build_message_routing_key(routing_key, expected):
+    """The routing key is passed through; a missing one becomes ''."""
+    message = build_message(delivery(routing_key=routing_key), max_bytes=1024)
+    assert message.routing_key == expected
+
+
+def test_build_message_content_type_governs_json():
+    """A delivery with content_type text/plain builds, but its json() is a DecodeError."""
+    message = build_message(delivery(b"{}", content_type="text/plain"), max_bytes=1024)
+    assert message.content_type == "text/plain"
+    decode_error(message)
