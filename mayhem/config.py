@@ -255,6 +255,10 @@ class Config:
     ) -> Config:
         """Build the configuration from its sources, highest first: flags, environment, file.
 
+        Between the file and the environment come systemd credentials: files named
+        ``amqp_url``, ``db_url`` or ``pushgateway`` in ``$CREDENTIALS_DIRECTORY``
+        (``LoadCredential=``), so secrets stay out of the unit and the process's environment.
+
         Args:
             file: a TOML file, or ``None``; ``MAYHEM_CONFIG`` names one when this is ``None``.
             flags: values given on the command line, by setting name; ``None`` values are
@@ -270,6 +274,8 @@ class Config:
         if path:
             for key, value in _read_toml(path).items():
                 raw[key] = (value, f"in {path}")
+        for key, value in _read_credentials(env.get("CREDENTIALS_DIRECTORY")).items():
+            raw[key] = (value, f"from credential {key}")
         for key in _FIELDS:
             name = f"{ENV_PREFIX}{key.upper()}"
             if name in env:
@@ -342,6 +348,24 @@ _PARSERS: Final[dict[str, Callable[[object], Any]]] = {
     "demo_max_delay": _parse_float(0.0, 3600.0),
 }
 assert set(_PARSERS) == set(_FIELDS), "every setting needs a parser"  # noqa: S101
+
+
+SECRET_SETTINGS: Final = ("amqp_url", "db_url", "pushgateway")
+
+
+def _read_credentials(directory: str | None) -> dict[str, str]:
+    if not directory:
+        return {}
+    found = {}
+    for key in SECRET_SETTINGS:
+        path = Path(directory) / key
+        try:
+            found[key] = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read credential {path}: {exc}") from None
+    return found
 
 
 def _read_toml(path: str) -> dict[str, object]:

@@ -44,6 +44,9 @@ STORE_RETRY_MAX: Final = 30.0
 FORCED_STEP_TIMEOUT: Final = 0.5
 STEP_TIMEOUT: Final = 10.0
 CANCEL_RETRY: Final = 0.1
+# While the drain makes progress, systemd's stop timeout is pushed this far ahead, this often.
+EXTEND_BY: Final = 5.0
+EXTEND_INTERVAL: Final = 1.0
 
 
 class Daemon:
@@ -261,14 +264,22 @@ class Daemon:
         pending: set[asyncio.Task[Any]] = set(tasks)
         deadline = time.monotonic() + timeout
         try:
+            running = self.workers.in_flight if self.workers else 0
             while pending and not forced.done():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 _, pending = await asyncio.wait(
-                    pending | {forced}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                    pending | {forced},
+                    timeout=min(left, EXTEND_INTERVAL),
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
                 pending.discard(forced)
+                now_running = self.workers.in_flight if self.workers else 0
+                if now_running < running:
+                    # Handlers are finishing: ask systemd not to SIGKILL us meanwhile.
+                    self.notifier.extend_timeout(EXTEND_BY)
+                running = now_running
         finally:
             forced.cancel()
         if pending:
@@ -443,6 +454,13 @@ class Daemon:
 
     def reload(self) -> None:
         """Re-read the configuration; apply the log level and the concurrency."""
+        self.notifier.reloading()
+        try:
+            self._apply_reload()
+        finally:
+            self.notifier.ready(self._status())
+
+    def _apply_reload(self) -> None:
         try:
             new = Config.load(file=self._config_file, flags=self._flags, environ=self._environ)
         except ConfigError as exc:

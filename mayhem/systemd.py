@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -64,6 +65,15 @@ class Notifier:
     def stopping(self) -> None:
         """Shutdown has begun."""
         self.notify("STOPPING=1", "STATUS=stopping")
+
+    def reloading(self) -> None:
+        """A reload begins (``Type=notify-reload`` wants the monotonic time with it)."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading")
+
+    def extend_timeout(self, seconds: float) -> None:
+        """Ask for ``seconds`` more before systemd's stop (or start) timeout fires."""
+        self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
 
     def watchdog(self) -> None:
         """The daemon is healthy."""
