@@ -18,6 +18,7 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from mayhem.config import mask_url
 from mayhem.exceptions import ConfigError, StartupError
+from mayhem.retry import retry_queue, retry_tiers
 
 if TYPE_CHECKING:
     from mayhem.config import Config
@@ -50,6 +51,20 @@ def queue_arguments(config: Config) -> dict[str, Any]:
     return arguments
 
 
+def retry_queue_arguments(config: Config, delay: float) -> dict[str, Any]:
+    """A delay queue's arguments: its TTL, and back to the work queue when it expires."""
+    arguments: dict[str, Any] = {
+        "x-queue-type": config.queue_type,
+        "x-message-ttl": round(delay * 1000),
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": config.queue,
+    }
+    if config.queue_type == "quorum":
+        arguments["x-dead-letter-strategy"] = "at-least-once"
+        arguments["x-overflow"] = "reject-publish"
+    return arguments
+
+
 async def connect(config: Config, role: str = "consumer") -> AbstractRobustConnection:
     """Open a robust connection; fail fast when the broker cannot be reached at start.
 
@@ -77,7 +92,7 @@ def _describe(exc: BaseException) -> str:
 
 
 async def declare_topology(channel: aio_pika.abc.AbstractChannel, config: Config) -> None:
-    """Declare the exchange, work queue and dead-letter queue; idempotent.
+    """Declare the exchange, work queue, delay queues and dead-letter queue; idempotent.
 
     Raises:
         ConfigError: an entity exists with other arguments (say, a classic queue where a
@@ -98,6 +113,12 @@ async def declare_topology(channel: aio_pika.abc.AbstractChannel, config: Config
             config.queue, durable=True, arguments=queue_arguments(config)
         )
         await work.bind(exchange, routing_key=config.queue)
+        for delay in retry_tiers(config):
+            await channel.declare_queue(
+                retry_queue(config.queue, delay),
+                durable=True,
+                arguments=retry_queue_arguments(config, delay),
+            )
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         msg = (
             f"topology of queue {config.queue!r} differs from the broker's: {_describe(exc)} "

@@ -91,13 +91,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--file", default=None, help="publish one message per line of a JSONL file"
     )
 
+    dead = commands.add_parser("dead", help="inspect, replay or drop dead-lettered messages")
+    actions = dead.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    listing = actions.add_parser("list", help="show dead-lettered messages (they stay)")
+    listing.add_argument("--limit", default="100", help="show at most this many (default 100)")
+    for name, text in (
+        ("replay", "send messages back to the work queue, attempts reset"),
+        ("purge", "drop messages for good"),
+    ):
+        action = actions.add_parser(name, help=text)
+        which = action.add_mutually_exclusive_group(required=True)
+        which.add_argument("--id", action="append", dest="ids", help="a message_id (repeatable)")
+        which.add_argument("--all", action="store_true", help="every message in the queue")
+    for action in (listing, *actions.choices.values()):
+        if not any(a.dest == "amqp_url" for a in action._actions):  # noqa: SLF001
+            action.add_argument("--config", help="TOML configuration file")
+            _add_flags(action, _CONNECTION_FLAGS)
+            _add_flags(action, [f for f in _RUN_FLAGS if f[1] in {"log_format", "log_level"}])
+
     check = commands.add_parser("check-config", help="validate and print the configuration")
     check.add_argument("--config", help="TOML configuration file")
     _add_flags(check, _CONNECTION_FLAGS + _RUN_FLAGS)
     return parser
 
 
-_NOT_SETTINGS: Final = frozenset({"command", "config", "count", "rate", "file"})
+_NOT_SETTINGS: Final = frozenset(
+    {"command", "config", "count", "rate", "file", "action", "limit", "ids", "all"}
+)
 
 
 def _flags(args: argparse.Namespace) -> dict[str, object]:
@@ -123,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.setup(config.log_format, config.log_level)
         if args.command == "publish":
             return _publish(config, args)
+        if args.command == "dead":
+            return _dead(config, args)
         return _run(config, args)
     except ConfigError as exc:
         print(f"mayhem: configuration error: {exc}", file=sys.stderr)  # noqa: T201
@@ -185,6 +207,30 @@ def _publish(config: Config, args: argparse.Namespace) -> int:
         report = runner.run(publish(config, count=count, rate=rate, file=args.file))
     print(report.summary())  # noqa: T201
     return EXIT_OK if report.failed == 0 else EXIT_FATAL
+
+
+def _dead(config: Config, args: argparse.Namespace) -> int:
+    from mayhem import dead  # noqa: PLC0415 -- keeps --help fast
+
+    ids = None if getattr(args, "all", False) else set(getattr(args, "ids", None) or ())
+    with asyncio.Runner(loop_factory=loop_factory(config.loop)) as runner:
+        if args.action == "list":
+            limit = _number(args.limit, "--limit", int, 0)
+            report = runner.run(dead.dead_list(config, limit=limit))
+            print(dead.format_letters(report, config.dead_queue))  # noqa: T201
+            return EXIT_OK
+        if args.action == "replay":
+            report = runner.run(dead.dead_replay(config, ids=ids))
+            verb = "replayed to " + config.queue
+        else:
+            report = runner.run(dead.dead_purge(config, ids=ids))
+            verb = "purged"
+    print(  # noqa: T201
+        f"{report.done} of {report.matched} matching messages {verb} "
+        f"({report.total} were in {config.dead_queue})"
+    )
+    missing = (ids or set()) and report.matched < len(ids or ())
+    return EXIT_FATAL if missing or report.done < report.matched else EXIT_OK
 
 
 def _number(text: str, flag: str, kind: type[N], low: N) -> N:

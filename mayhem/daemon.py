@@ -23,6 +23,7 @@ from mayhem.exceptions import ConfigError, MayhemError, StoreUnavailable
 from mayhem.handlers import DemoHandler, handler_setup, load_handler
 from mayhem.metrics import HealthServer, Metrics
 from mayhem.publisher import PublishReport, demo_stream, publish_bodies
+from mayhem.retry import Failures
 from mayhem.signals import Signals
 from mayhem.store import Store, open_store
 from mayhem.systemd import Notifier
@@ -157,13 +158,14 @@ class Daemon:
         broker.on_reconnect(self._on_reconnect)
         # Workers, then the consumer that feeds them.
         settler = Settler(self.metrics)
+        failures = Failures(config, broker.publish_channel, settler, self.metrics)
         self.workers = Workers(
             config=config,
             buffer=self.buffer,
             store=store,
             handler=handler,
             settler=settler,
-            publish_channel=broker.publish_channel,
+            failures=failures,
             metrics=self.metrics,
             on_store_outage=self._store_outage,
         )

@@ -54,3 +54,14 @@ class Retry(MayhemError):  # noqa: N818 -- the handler API names it for what it 
 
 class StoreUnavailable(MayhemError):  # noqa: N818 -- a state, not an error of the caller
     """The database cannot be reached; the message is requeued, not failed."""
+
+
+class HandlerTimeout(MayhemError):  # noqa: N818 -- what happened, as the error header shows it
+    """The handler ran past ``handler_timeout``: it was cancelled and its transaction rolled back.
+
+    The message follows the retry policy.
+    """
+
+
+class TransactionClosed(MayhemError):  # noqa: N818 -- a state, as the message says
+    """``ctx.db`` was used after its transaction ended (a handler thread that outlived it)."""

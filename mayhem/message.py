@@ -130,13 +130,18 @@ def build_message(
     if size == 0:
         raise Reject("empty body")
     headers = MappingProxyType(dict(delivery.headers or {}))
-    attempt = headers.get(ATTEMPT_HEADER, 1)
     return Message(
         message_id=message_id,
         body=delivery.body,
         headers=headers,
         routing_key=delivery.routing_key or "",
-        attempt=attempt if type(attempt) is int and attempt > 0 else 1,
+        attempt=attempt_of(delivery),
         redelivered=bool(delivery.redelivered),
         content_type=delivery.content_type,
     )
+
+
+def attempt_of(delivery: AbstractIncomingMessage) -> int:
+    """The delivery's attempt number: 1 unless mayhem's retry header says otherwise."""
+    attempt = (delivery.headers or {}).get(ATTEMPT_HEADER, 1)
+    return attempt if type(attempt) is int and attempt > 0 else 1

@@ -25,7 +25,7 @@ import aiosqlite
 import asyncpg
 
 from mayhem.config import mask_url
-from mayhem.exceptions import ConfigError, StartupError, StoreUnavailable
+from mayhem.exceptions import ConfigError, StartupError, StoreUnavailable, TransactionClosed
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -56,6 +56,7 @@ _CLAIM: Final = (
 _PRUNE: Final = f"DELETE FROM {INBOX_TABLE} WHERE processed_at < $1 RETURNING 1"
 
 Row = dict[str, Any]
+TRANSACTION_ENDED: Final = "ctx.db used after the message's transaction ended"
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
@@ -70,9 +71,12 @@ class Transaction(abc.ABC):
 
     Attributes:
         lost: a statement failed because the database could not be reached.
+        ended: the transaction committed or rolled back; further statements raise
+            :class:`TransactionClosed` (a handler thread that outlived its deadline).
     """
 
     lost: bool = False
+    ended: bool = False
 
     @abc.abstractmethod
     async def execute(self, sql: str, *args: object) -> None:
@@ -361,6 +365,8 @@ class _SQLiteTransaction(Transaction):
     async def _begin(self) -> aiosqlite.Connection:
         if self._db is not None:
             return self._db
+        if self.ended:
+            raise TransactionClosed(TRANSACTION_ENDED)
         await self._store._write_lock.acquire()  # noqa: SLF001 -- the store's own transaction
         db = self._store._writer  # noqa: SLF001
         try:
@@ -408,6 +414,7 @@ class _SQLiteTransaction(Transaction):
         tb: TracebackType | None,
     ) -> None:
         db, self._db = self._db, None
+        self.ended = True
         if db is None:
             return
         # Shielded, and the lock released only when the statement is done: a cancelled
@@ -537,6 +544,8 @@ class _PostgresTransaction(Transaction):
     async def _begin(self) -> PoolConnection:
         if self._conn is not None:
             return self._conn
+        if self.ended:
+            raise TransactionClosed(TRANSACTION_ENDED)
         try:
             conn = await self._pool.acquire(timeout=30)
         except _PG_OUTAGE as exc:
@@ -589,6 +598,7 @@ class _PostgresTransaction(Transaction):
         tb: TracebackType | None,
     ) -> None:
         conn, tx, self._conn, self._tx = self._conn, self._tx, None, None
+        self.ended = True
         if conn is None:
             return
         commit = exc_type is None

@@ -17,34 +17,29 @@ import enum
 import functools
 import inspect
 import logging
-import socket
 import time
-from typing import TYPE_CHECKING, Any, Final
-
-import aio_pika
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from typing import TYPE_CHECKING, Any
 
 from mayhem.consumer import is_stale
-from mayhem.exceptions import Reject, StoreUnavailable
+from mayhem.exceptions import HandlerTimeout, Reject, StoreUnavailable
 from mayhem.logs import MESSAGE_ID
-from mayhem.message import ATTEMPT_HEADER, Context, SyncContext, build_message
+from mayhem.message import Context, Message, SyncContext, attempt_of, build_message
+from mayhem.retry import describe
 from mayhem.store import BlockingTransaction
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+    from aio_pika.abc import AbstractIncomingMessage
 
     from mayhem.config import Config
     from mayhem.consumer import Settler
     from mayhem.metrics import Metrics
+    from mayhem.retry import Failures
     from mayhem.store import Store, Transaction
 
 log = logging.getLogger(__name__)
 handler_log = logging.getLogger("mayhem.handler")
-
-MAX_ERROR_HEADER: Final = 1000
-HOST: Final = socket.gethostname()
 
 
 class Outcome(enum.Enum):
@@ -70,7 +65,7 @@ class Workers:
         store: the database with the inbox.
         handler: the user's handler (async or plain).
         settler: acks and requeues.
-        publish_channel: a channel with publisher confirms, for dead letters.
+        failures: sends failed messages to a retry tier or the dead-letter queue.
         metrics: where outcomes are counted.
         on_store_outage: called when the database cannot be reached.
     """
@@ -83,7 +78,7 @@ class Workers:
         store: Store,
         handler: Callable[..., Any],
         settler: Settler,
-        publish_channel: AbstractChannel,
+        failures: Failures,
         metrics: Metrics,
         on_store_outage: Callable[[str], None],
     ) -> None:
@@ -95,7 +90,7 @@ class Workers:
             getattr(handler, "__call__", None)  # noqa: B004 -- an async __call__ method
         )
         self._settler = settler
-        self._publish_channel = publish_channel
+        self._failures = failures
         self._metrics = metrics
         self._on_store_outage = on_store_outage
         self.in_flight = 0
@@ -157,17 +152,14 @@ class Workers:
         except Reject as exc:
             return Outcome.REJECTED, exc
         tx: Transaction | None = None
+        deadline: asyncio.Timeout | None = None
         try:
             if await self._store.seen(config.queue, message.message_id):
                 return Outcome.DUPLICATE, None
             tx = self._store.transaction()
-            async with asyncio.timeout(config.handler_timeout), tx:
-                logger = logging.LoggerAdapter(handler_log, {"message_id": message.message_id})
-                if self._is_async:
-                    await self._handler(message, Context(db=tx, log=logger))
-                else:
-                    ctx = SyncContext(db=BlockingTransaction(tx), log=logger)
-                    await self._run_sync(message, ctx)
+            deadline = asyncio.timeout(config.handler_timeout)
+            async with deadline, tx:
+                await self._call_handler(message, tx)
                 if not await tx.claim(config.queue, message.message_id):
                     raise _AlreadyApplied
         except _AlreadyApplied:
@@ -180,7 +172,11 @@ class Workers:
             if tx is not None and tx.lost:
                 # The handler turned a lost connection into its own error: still an outage.
                 return Outcome.STORE_DOWN, exc
-            log.warning("handler failed: %s", _describe(exc), exc_info=log.isEnabledFor(10))
+            if isinstance(exc, TimeoutError) and deadline is not None and deadline.expired():
+                exc = HandlerTimeout(
+                    f"handler ran past handler_timeout ({config.handler_timeout:g} s)"
+                )
+            log.warning("handler failed: %s", describe(exc), exc_info=log.isEnabledFor(10))
             return Outcome.FAILED, exc
         return Outcome.APPLIED, None
 
@@ -197,79 +193,28 @@ class Workers:
                 metrics.duplicate.inc()
         elif outcome is Outcome.STORE_DOWN:
             # Not the message's fault: back to the queue, not an attempt, not a dead letter.
-            why = _describe(error) if error else "unknown"
+            why = describe(error) if error else "unknown"
             log.warning("database unavailable (%s): requeueing", why)
             await self._settler.requeue(delivery)
             self._on_store_outage(why)
+        elif outcome is Outcome.REJECTED:
+            await self._failures.dead_letter(
+                delivery, error or Reject("rejected"), attempt_of(delivery), reason="rejected"
+            )
         else:
-            await self._dead_letter(
-                delivery,
-                error or RuntimeError("unknown failure"),
-                reason="rejected" if outcome is Outcome.REJECTED else "failed",
+            await self._failures.failed(
+                delivery, error or RuntimeError("unknown failure"), attempt_of(delivery)
             )
 
-    async def _run_sync(self, message: Any, ctx: SyncContext) -> None:  # noqa: ANN401
-        loop = asyncio.get_running_loop()
-        call = functools.partial(contextvars.copy_context().run, self._handler, message, ctx)
-        await loop.run_in_executor(None, call)
-
-    async def _dead_letter(
-        self, delivery: AbstractIncomingMessage, exc: BaseException, *, reason: str
-    ) -> None:
-        """Publish to the dead-letter queue with confirms, then ack the original."""
-        now = time.time()
-        headers = dict(delivery.headers or {})
-        headers.update(
-            {
-                "x-mayhem-reason": reason,
-                "x-mayhem-error": _describe(exc)[:MAX_ERROR_HEADER],
-                "x-mayhem-attempts": _attempt(headers),
-                "x-mayhem-first-failure": headers.get("x-mayhem-first-failure", now),
-                "x-mayhem-last-failure": now,
-                "x-mayhem-host": HOST,
-                "x-mayhem-queue": self._config.queue,
-            }
-        )
-        dead = aio_pika.Message(
-            delivery.body,
-            headers=headers,
-            content_type=delivery.content_type,
-            content_encoding=delivery.content_encoding,
-            message_id=delivery.message_id,
-            correlation_id=delivery.correlation_id,
-            timestamp=delivery.timestamp,
-            type=delivery.type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
-        try:
-            await self._publish_channel.default_exchange.publish(
-                dead, routing_key=self._config.dead_queue, mandatory=True, timeout=30
-            )
-        except (*CONNECTION_EXCEPTIONS, TimeoutError) as error:
-            log.warning("dead-letter publish failed (%s): requeueing instead", error)
-            await self._settler.requeue(delivery)
+    async def _call_handler(self, message: Message, tx: Transaction) -> None:
+        logger = logging.LoggerAdapter(handler_log, {"message_id": message.message_id})
+        if self._is_async:
+            await self._handler(message, Context(db=tx, log=logger))
             return
-        log.info(
-            "dead-lettered (%s): %s, %d bytes",
-            reason,
-            _describe(exc)[:200],
-            len(delivery.body),
-        )
-        if await self._settler.ack(delivery):
-            counter = (
-                self._metrics.rejected if reason == "rejected" else self._metrics.dead_lettered
-            )
-            counter.inc()
-
-
-def _attempt(headers: dict[str, Any]) -> int:
-    attempt = headers.get(ATTEMPT_HEADER, 1)
-    return attempt if isinstance(attempt, int) and attempt > 0 else 1
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        # A plain def runs in the thread pool, with a ctx.db that blocks its thread.
+        ctx = SyncContext(db=BlockingTransaction(tx), log=logger)
+        call = functools.partial(contextvars.copy_context().run, self._handler, message, ctx)
+        await asyncio.get_running_loop().run_in_executor(None, call)
 
 
 async def _shielded(settle: Any) -> None:  # noqa: ANN401 -- any awaitable

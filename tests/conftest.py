@@ -17,10 +17,13 @@ import asyncpg
 import pytest
 
 from mayhem.config import Config
+from mayhem.retry import retry_queue, retry_tiers
 
 sys.path.insert(0, str(Path(__file__).parent / "support"))
 
 AMQP_URL = os.environ.get("MAYHEM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+# The delay queues each test's configurations declare, deleted with the test's queue.
+_DELAY_QUEUES: dict[str, set[str]] = {}
 PG_URL = os.environ.get("MAYHEM_TEST_PG_URL", "postgresql://root@127.0.0.1:5432/test")
 
 
@@ -50,7 +53,7 @@ async def queue_name():
     connection = await aio_pika.connect(AMQP_URL)
     try:
         channel = await connection.channel()
-        for queue in (name, f"{name}.dead"):
+        for queue in (name, f"{name}.dead", *_DELAY_QUEUES.pop(name, set())):
             await channel.queue_delete(queue, if_unused=False, if_empty=False)
         for exchange in (name, f"{name}.dlx"):
             await channel.exchange_delete(exchange)
@@ -104,7 +107,11 @@ def make_config(amqp_url: str, queue_name: str, sqlite_url: str):
             "loop": "asyncio",
         }
         values.update(overrides)
-        return Config.load(flags=values, environ={})
+        config = Config.load(flags=values, environ={})
+        _DELAY_QUEUES.setdefault(queue_name, set()).update(
+            retry_queue(queue_name, tier) for tier in retry_tiers(config)
+        )
+        return config
 
     return make
 

@@ -45,8 +45,8 @@ async def test_redelivered_id_is_acked_as_duplicate(amqp, make_config, run_daemo
 
 
 async def test_failing_handler_is_dead_lettered_with_headers(amqp, make_config, run_daemon):
-    """A handler that raises: its writes roll back, the message goes to <queue>.dead with why."""
-    config = make_config(handler="sample_handlers:failing")
+    """A handler that raises on its last attempt: writes roll back, <queue>.dead says why."""
+    config = make_config(handler="sample_handlers:failing", max_attempts=1)
     async with run_daemon(config) as daemon:
         await publish(amqp, config.queue, [b"fail", b"reject", b"{}"], message_ids=["f", "r", "ok"])
         await wait_until(

@@ -135,11 +135,14 @@ async def oracle(
     db_url: str,
     confirmed: list[str],
     table: str = "applied",
+    retry_queues: tuple[str, ...] = (),
 ) -> Verdict:
-    """Every confirmed id is applied once, dead-lettered, or still queued."""
+    """Every confirmed id is applied once, dead-lettered, or still queued (or waiting to retry)."""
     applied_rows = [row[0] for row in await rows(db_url, f"SELECT message_id FROM {table}")]
     dead = {m.message_id for m in await drain(connection, f"{queue}.dead")}
     queued = {m.message_id for m in await drain(connection, queue)}
+    for waiting in retry_queues:
+        queued |= {m.message_id for m in await drain(connection, waiting)}
     applied = set(applied_rows) & set(confirmed)
     lost = set(confirmed) - applied - dead - queued
     return Verdict(
