@@ -275,7 +275,99 @@ class SQLiteStore(Store):
         self.path = path
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        # Held by one message from its first statement to the end of its savepoint.
         self._write_lock = asyncio.Lock()
+        self._lock_queue = 0
+        self._batch_open = False
+        self._batch: list[asyncio.Future[None]] = []
+
+    async def _lock(self) -> None:
+        self._lock_queue += 1
+        try:
+            await self._write_lock.acquire()
+        finally:
+            self._lock_queue -= 1
+
+    async def _enter(self) -> aiosqlite.Connection:
+        """Take the writer for one message: join (or begin) the shared transaction."""
+        await self._lock()
+        try:
+            db = self._writer
+            if db is None:
+                raise StoreUnavailable("SQLite store is closed")
+            if not self._batch_open:
+                await db.execute("BEGIN IMMEDIATE")
+                self._batch_open = True
+        except sqlite3.Error as exc:
+            self._write_lock.release()
+            raise StoreUnavailable(f"cannot begin: {exc}") from exc
+        except BaseException:
+            self._write_lock.release()
+            raise
+        return db
+
+    async def _leave(self, *, keep: bool, savepoint: bool) -> asyncio.Future[None] | None:
+        """End one message's savepoint; return the future of the commit that makes it durable.
+
+        Group commit: the transaction commits when no other message waits for the writer,
+        so the messages that finish together share one COMMIT (and one fsync).
+        """
+        waiter: asyncio.Future[None] | None = None
+        db = self._writer
+        try:
+            if db is None:
+                raise StoreUnavailable("SQLite store is closed")
+            if savepoint:
+                if not keep:
+                    await db.execute("ROLLBACK TO message")
+                await db.execute("RELEASE message")
+            if keep:
+                waiter = asyncio.get_running_loop().create_future()
+                self._batch.append(waiter)
+        except sqlite3.Error as exc:
+            # The savepoint cannot be closed: the whole shared transaction is lost.
+            await self._fail_batch(db, StoreUnavailable(f"savepoint failed: {exc}"))
+            if keep:
+                raise StoreUnavailable(f"savepoint failed: {exc}") from exc
+        finally:
+            self._write_lock.release()
+        if self._lock_queue == 0:
+            await self._commit()
+        return waiter
+
+    async def _commit(self) -> None:
+        await self._lock()
+        try:
+            if not self._batch_open or self._writer is None:
+                return
+            if not self._writer.in_transaction:
+                # SQLite rolled the whole transaction back by itself (an I/O error, say).
+                await self._fail_batch(self._writer, StoreUnavailable("transaction was lost"))
+                return
+            batch, self._batch = self._batch, []
+            try:
+                await self._writer.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._batch = batch
+                await self._fail_batch(self._writer, StoreUnavailable(f"commit failed: {exc}"))
+                return
+            self._batch_open = False
+            for waiter in batch:
+                if not waiter.done():
+                    waiter.set_result(None)
+        finally:
+            self._write_lock.release()
+
+    async def _fail_batch(self, db: aiosqlite.Connection | None, error: StoreUnavailable) -> None:
+        """Roll the shared transaction back and fail every message waiting for it."""
+        batch, self._batch = self._batch, []
+        if self._batch_open and db is not None:
+            self._batch_open = False
+            await _quiet_rollback(db)
+        for waiter in batch:
+            if not waiter.done():
+                waiter.set_exception(error)
+                waiter.exception()  # retrieved here: a cancelled worker may not await it
 
     async def _connect(self) -> aiosqlite.Connection:
         connection = aiosqlite.connect(self.path, isolation_level=None)
@@ -358,30 +450,29 @@ async def _check_version_sqlite(db: aiosqlite.Connection) -> None:
 
 
 class _SQLiteTransaction(Transaction):
+    """One message's work: a savepoint inside the store's shared (group-commit) transaction."""
+
     def __init__(self, store: SQLiteStore) -> None:
         self._store = store
         self._db: aiosqlite.Connection | None = None
+        self._savepoint = False
 
     async def _begin(self) -> aiosqlite.Connection:
         if self._db is not None:
             return self._db
         if self.ended:
             raise TransactionClosed(TRANSACTION_ENDED)
-        await self._store._write_lock.acquire()  # noqa: SLF001 -- the store's own transaction
-        db = self._store._writer  # noqa: SLF001
-        try:
-            if db is None:
-                raise StoreUnavailable("SQLite store is closed")
-            await db.execute("BEGIN IMMEDIATE")
-        except BaseException:
-            self._store._write_lock.release()  # noqa: SLF001
-            raise
-        self._db = db
-        return db
+        self._db = await self._store._enter()  # noqa: SLF001 -- the store's own transaction
+        return self._db
 
-    async def _run(self, sql: str, args: tuple[object, ...]) -> list[Row]:
+    async def _run(self, sql: str, args: tuple[object, ...], *, alone: bool = False) -> list[Row]:
         db = await self._begin()
         try:
+            if not alone and not self._savepoint:
+                # The handler's statements can be undone apart from the other messages'.
+                # A lone claim needs no savepoint: one statement is atomic by itself.
+                await db.execute("SAVEPOINT message")
+                self._savepoint = True
             async with db.execute(to_sqlite(sql), args) as cursor:
                 rows = await cursor.fetchall()
         except sqlite3.Error as exc:
@@ -401,7 +492,9 @@ class _SQLiteTransaction(Transaction):
 
     async def claim(self, queue: str, message_id: str) -> bool:
         """Insert the inbox row unless it is there."""
-        rows = await self._run(_CLAIM + " RETURNING 1", (queue, message_id, time.time()))
+        rows = await self._run(
+            _CLAIM + " RETURNING 1", (queue, message_id, time.time()), alone=True
+        )
         return len(rows) == 1
 
     async def __aenter__(self) -> Self:
@@ -417,22 +510,13 @@ class _SQLiteTransaction(Transaction):
         self.ended = True
         if db is None:
             return
-        # Shielded, and the lock released only when the statement is done: a cancelled
-        # worker must still end its transaction before another one begins on the connection.
-        end = asyncio.ensure_future(self._end(db, commit=exc_type is None))
-        end.add_done_callback(lambda _: self._store._write_lock.release())  # noqa: SLF001
-        await asyncio.shield(end)
-
-    @staticmethod
-    async def _end(db: aiosqlite.Connection, *, commit: bool) -> None:
-        try:
-            await db.execute("COMMIT" if commit else "ROLLBACK")
-        except sqlite3.Error as error:
-            if not commit:
-                log.warning("SQLite rollback failed: %s", error)
-                return
-            await _quiet_rollback(db)
-            raise StoreUnavailable(f"commit failed: {error}") from error
+        # Shielded: a cancelled worker must still close its savepoint and hand the connection
+        # on; the group commit then goes ahead without it.
+        committed = await asyncio.shield(
+            self._store._leave(keep=exc_type is None, savepoint=self._savepoint)  # noqa: SLF001
+        )
+        if committed is not None:
+            await committed
 
 
 async def _quiet_rollback(db: aiosqlite.Connection) -> None:
