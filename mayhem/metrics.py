@@ -32,7 +32,9 @@ from mayhem._version import __version__
 from mayhem.config import mask_url
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
+
+    from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,11 @@ class Metrics:
             "1 while the broker consumer is subscribed.",
             registry=registry,
         )
+        self.ready = Gauge(
+            "mayhem_ready",
+            "1 while /readyz answers 200: broker connected, consuming, database up, not stopping.",
+            registry=registry,
+        )
         self.store_up = Gauge(
             "mayhem_database_up", "1 while the database answers.", registry=registry
         )
@@ -122,6 +129,7 @@ class Metrics:
         Info("mayhem_build", "The running mayhem's version.", registry=registry).info(
             {"version": __version__}
         )
+        self._own = _OwnMetrics(registry)
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """Read one sample's current value (0 when it has none)."""
@@ -140,23 +148,35 @@ class Metrics:
             pushgateway: the Pushgateway's URL.
             job: the Pushgateway job name.
         """
+        # Only mayhem's own metrics leave the process: node_exporter and the Pushgateway export
+        # process_* metrics of their own, and a second copy would collide with them.
         if textfile:
             try:
-                _write_textfile(textfile, self.registry)
+                _write_textfile(textfile, self._own)
             except OSError as exc:
                 log.warning("metrics textfile %s not written: %s", textfile, exc)
             else:
                 log.info("metrics written to %s", textfile)
         if pushgateway:
             try:
-                push_to_gateway(pushgateway, job=job, registry=self.registry, timeout=5)
+                push_to_gateway(pushgateway, job=job, registry=self._own, timeout=5)
             except OSError as exc:
                 log.warning("metrics not pushed to %s: %s", mask_url(pushgateway), exc)
             else:
                 log.info("metrics pushed to %s", mask_url(pushgateway))
 
 
-def _write_textfile(path: str, registry: CollectorRegistry) -> None:
+class _OwnMetrics:
+    """The ``mayhem_*`` families of a registry, without the process, platform and GC ones."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        return [family for family in self._registry.collect() if family.name.startswith("mayhem_")]
+
+
+def _write_textfile(path: str, registry: _OwnMetrics) -> None:
     # write_to_textfile writes a temporary file beside the target and renames it over it,
     # so node_exporter never reads half a file.
     target = Path(path)
@@ -187,6 +207,7 @@ class HealthServer:
         self._port = int(port)
         self._ready = ready
         self._block_threshold = block_threshold
+        metrics.ready.set_function(lambda: float(not ready()))
         self._runner: web.AppRunner | None = None
         self.bound: str | None = None
         self.last_beat = time.monotonic()

@@ -63,6 +63,10 @@ if TYPE_CHECKING:
     PoolConnection = PoolConnectionProxy[asyncpg.Record]
 
 
+class _AlreadyAppliedError(Exception):
+    """The inbox has the id: roll back and report a duplicate. Never leaves this module."""
+
+
 class Transaction(abc.ABC):
     """The handler's database handle (``ctx.db``): one transaction, begun on first use.
 
@@ -174,6 +178,47 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def ping(self) -> None:
         """Raise :class:`StoreUnavailable` unless the database answers."""
+
+    async def apply(
+        self, queue: str, message_id: str, work: Callable[[Transaction], Awaitable[None]]
+    ) -> bool:
+        """Run ``work(tx)`` and record ``message_id`` in the inbox, in one transaction.
+
+        This backend checks the inbox first (on committed rows) and claims the id after the
+        work, so the writer is not held while a handler waits.
+
+        Returns:
+            ``False`` when the inbox already has the id: ``work`` did not run, or a concurrent
+            delivery of the same id committed first and ``work``'s effects were rolled back.
+
+        Raises:
+            StoreUnavailable: the database cannot be reached, also when ``work`` turned a
+                lost connection into an error of its own.
+        """
+        if await self.seen(queue, message_id):
+            return False
+
+        async def work_then_claim(tx: Transaction) -> None:
+            await work(tx)
+            if not await tx.claim(queue, message_id):
+                raise _AlreadyAppliedError
+
+        return await self._in_transaction(work_then_claim)
+
+    async def _in_transaction(self, body: Callable[[Transaction], Awaitable[None]]) -> bool:
+        tx = self.transaction()
+        try:
+            async with tx:
+                await body(tx)
+        except _AlreadyAppliedError:
+            return False
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            if tx.lost:
+                raise StoreUnavailable(_describe(exc)) from exc
+            raise
+        return True
 
     async def prune(self, older_than: float) -> int:
         """Delete inbox rows processed before ``older_than`` (epoch seconds); return how many."""
@@ -606,6 +651,22 @@ class PostgresStore(Store):
     def transaction(self) -> Transaction:
         """A transaction on a pooled connection, taken at its first statement."""
         return _PostgresTransaction(self._require_pool())
+
+    async def apply(
+        self, queue: str, message_id: str, work: Callable[[Transaction], Awaitable[None]]
+    ) -> bool:
+        """Claim the id first, then run ``work``, in one transaction (see :meth:`Store.apply`).
+
+        PostgreSQL holds the new inbox row's lock until the commit, so a concurrent delivery
+        of the same id waits, then finds it and skips the handler; and it saves a round trip.
+        """
+
+        async def claim_then_work(tx: Transaction) -> None:
+            if not await tx.claim(queue, message_id):
+                raise _AlreadyAppliedError
+            await work(tx)
+
+        return await self._in_transaction(claim_then_work)
 
     async def ping(self) -> None:
         """Run ``SELECT 1`` on a pooled connection."""

@@ -52,10 +52,6 @@ class Outcome(enum.Enum):
     FAILED = "failed"
 
 
-class _AlreadyApplied(Exception):  # noqa: N818 -- control flow, never escapes this module
-    """Another delivery of the same id committed first: roll back, ack as duplicate."""
-
-
 class Workers:
     """The worker coroutines and what they share.
 
@@ -138,7 +134,7 @@ class Workers:
         finally:
             MESSAGE_ID.reset(token)
 
-    async def _apply(  # noqa: PLR0911 -- one return per outcome reads best
+    async def _apply(
         self, delivery: AbstractIncomingMessage
     ) -> tuple[Outcome, BaseException | None]:
         """Run the handler and commit its effects with the inbox row; say what happened."""
@@ -151,34 +147,26 @@ class Workers:
             )
         except Reject as exc:
             return Outcome.REJECTED, exc
-        tx: Transaction | None = None
-        deadline: asyncio.Timeout | None = None
+        deadline = asyncio.timeout(config.handler_timeout)
         try:
-            if await self._store.seen(config.queue, message.message_id):
-                return Outcome.DUPLICATE, None
-            tx = self._store.transaction()
-            deadline = asyncio.timeout(config.handler_timeout)
-            async with deadline, tx:
-                await self._call_handler(message, tx)
-                if not await tx.claim(config.queue, message.message_id):
-                    raise _AlreadyApplied
-        except _AlreadyApplied:
-            return Outcome.DUPLICATE, None
+            async with deadline:
+                applied = await self._store.apply(
+                    config.queue,
+                    message.message_id,
+                    functools.partial(self._call_handler, message),
+                )
         except StoreUnavailable as exc:
             return Outcome.STORE_DOWN, exc
         except Reject as exc:
             return Outcome.REJECTED, exc
         except Exception as exc:
-            if tx is not None and tx.lost:
-                # The handler turned a lost connection into its own error: still an outage.
-                return Outcome.STORE_DOWN, exc
-            if isinstance(exc, TimeoutError) and deadline is not None and deadline.expired():
+            if isinstance(exc, TimeoutError) and deadline.expired():
                 exc = HandlerTimeout(
                     f"handler ran past handler_timeout ({config.handler_timeout:g} s)"
                 )
             log.warning("handler failed: %s", describe(exc), exc_info=log.isEnabledFor(10))
             return Outcome.FAILED, exc
-        return Outcome.APPLIED, None
+        return (Outcome.APPLIED if applied else Outcome.DUPLICATE), None
 
     async def _settle(
         self, delivery: AbstractIncomingMessage, outcome: Outcome, error: BaseException | None
