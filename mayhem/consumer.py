@@ -7,13 +7,16 @@ buffered, because the broker does not take back what it already sent.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
+from collections import deque
 from typing import TYPE_CHECKING, Final
 
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, ConsumerTag
+    from aiormq.abc import AbstractChannel
 
     from mayhem.metrics import Metrics
 
@@ -30,8 +33,25 @@ def is_stale(delivery: AbstractIncomingMessage) -> bool:
         return True
 
 
+class _ChannelAcks:
+    """One channel's delivered tags, so that acks in tag order go out as one frame."""
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self.channel = channel
+        self.unsettled: deque[int] = deque()  # delivered, in tag order; settled ones pop lazily
+        self.settled: set[int] = set()  # settled already, still somewhere in `unsettled`
+        self.ackable: set[int] = set()  # acknowledged by a worker, frame not yet sent
+        self.lowest = 0  # the lowest tag not yet covered, once the first tag is seen
+        self.flushing = False
+
+
 class Settler:
     """Acks and requeues deliveries, counting each, and drops the stale ones.
+
+    Acks are batched without delaying any: a worker's ack joins the acks of every worker
+    that finishes in the same loop iteration, and the longest run of settled tags from the
+    lowest outstanding one goes out as a single ``basic.ack`` with ``multiple=True``. A tag is
+    only ever covered after its own worker acknowledged it, that is after its commit.
 
     A delivery tag belongs to its channel: after a reconnect, settling an old tag fails; the
     broker has already requeued that message, so it is counted as stale and dropped.
@@ -39,31 +59,92 @@ class Settler:
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        self._channels: dict[int, _ChannelAcks] = {}
+
+    def _acks(self, channel: AbstractChannel) -> _ChannelAcks:
+        acks = self._channels.get(id(channel))
+        if acks is None or acks.channel is not channel:
+            for key, old in list(self._channels.items()):
+                if old.channel.is_closed:
+                    del self._channels[key]
+            acks = self._channels[id(channel)] = _ChannelAcks(channel)
+        return acks
+
+    def delivered(self, delivery: AbstractIncomingMessage) -> None:
+        """Note a delivery's tag as outstanding (the consumer calls this as it buffers)."""
+        tag = delivery.delivery_tag
+        if tag is None or is_stale(delivery):
+            return
+        acks = self._acks(delivery.channel)
+        unsettled = acks.unsettled
+        if not acks.lowest:
+            acks.lowest = tag
+        if unsettled and tag < unsettled[-1]:
+            bisect.insort(unsettled, tag)
+        else:
+            unsettled.append(tag)
 
     async def ack(self, delivery: AbstractIncomingMessage) -> bool:
         """Acknowledge; ``False`` if the delivery was stale."""
-        if is_stale(delivery):
+        tag = delivery.delivery_tag
+        if tag is None or is_stale(delivery):
             self._metrics.stale_deliveries.inc()
             return False
+        acks = self._acks(delivery.channel)
+        acks.ackable.add(tag)
+        if not acks.flushing:
+            acks.flushing = True
+            # Shielded: a worker cancelled mid-flush must not strand the others' acks.
+            await asyncio.shield(self._flush(acks))
+        return True
+
+    async def _flush(self, acks: _ChannelAcks) -> None:
         try:
-            await delivery.ack()
+            # One turn of the loop: the workers finishing with this one add their tags.
+            await asyncio.sleep(0)
+            while acks.ackable:
+                highest = None
+                unsettled, settled, ackable = acks.unsettled, acks.settled, acks.ackable
+                # Only a gap-free run of tags: a multiple ack must never cover a delivery that
+                # this tracker has not seen (tags on a channel are consecutive).
+                while (
+                    unsettled
+                    and unsettled[0] == acks.lowest
+                    and (unsettled[0] in ackable or unsettled[0] in settled)
+                ):
+                    tag = unsettled.popleft()
+                    acks.lowest = tag + 1
+                    if tag in ackable:
+                        ackable.discard(tag)
+                        highest = tag
+                    else:
+                        settled.discard(tag)
+                singles = sorted(ackable)
+                ackable.clear()
+                settled.update(singles)
+                if highest is not None:
+                    await acks.channel.basic_ack(highest, multiple=True)
+                for tag in singles:
+                    await acks.channel.basic_ack(tag)
         except Exception as exc:  # whatever it is, the broker will redeliver
             log.info("ack failed (%s): the broker will redeliver", exc)
             self._metrics.stale_deliveries.inc()
-            return False
-        return True
+        finally:
+            acks.flushing = False
 
     async def requeue(self, delivery: AbstractIncomingMessage) -> bool:
         """Negative-acknowledge with requeue; ``False`` if the delivery was stale."""
-        if is_stale(delivery):
+        tag = delivery.delivery_tag
+        if tag is None or is_stale(delivery):
             self._metrics.stale_deliveries.inc()
             return False
         try:
-            await delivery.nack(requeue=True)
+            await delivery.channel.basic_nack(tag, requeue=True)
         except Exception as exc:  # whatever it is, the broker will redeliver
             log.info("requeue failed (%s): the broker will redeliver", exc)
             self._metrics.stale_deliveries.inc()
             return False
+        self._acks(delivery.channel).settled.add(tag)
         self._metrics.requeued.inc()
         return True
 
@@ -105,6 +186,7 @@ class Consumer:
             await self._settler.requeue(delivery)
             return
         self.delivered += 1
+        self._settler.delivered(delivery)
         # Never blocks: the broker sends at most prefetch unacked deliveries, and the buffer
         # holds that many.
         await self._buffer.put(delivery)
