@@ -228,14 +228,15 @@ async def test_publish_command_confirms(amqp, make_config):
     assert all(sample_handlers is not None for _ in queued)
 
 
-async def test_batched_acks_never_cover_a_message_in_flight(amqp, make_config, run_daemon):
+async def test_batched_acks_never_cover_a_message_in_flight(amqp, make_config, pg_url, run_daemon):
     """Acks of later messages never acknowledge an earlier one still being handled.
 
     1. The first delivery (tag 1) blocks in its handler; 50 later ones are applied and acked.
     2. The daemon stops with a short drain: the blocked one is cancelled and requeued.
     3. It is back in the queue: no multiple ack covered it.
     """
-    config = make_config(handler="sample_handlers:stuck", drain_timeout=0.5)
+    # PostgreSQL: on SQLite the blocked handler would hold the single writer.
+    config = make_config(handler="sample_handlers:stuck", drain_timeout=0.5, db_url=pg_url)
     async with run_daemon(config) as daemon:
         stuck = await publish(amqp, config.queue, [b"stuck"])
         await wait_until(lambda: daemon.workers.in_flight == 1)
