@@ -150,8 +150,10 @@ class Broker:
     def connected(self) -> bool:
         """The connection is open and its channels are restored."""
         conn = self.connection
+        # _up turns true again only once aio-pika has restored the channels and consumer.
         return bool(
-            conn is not None
+            self._up
+            and conn is not None
             and conn.connected.is_set()
             and not conn.is_closed
             and self.channel is not None

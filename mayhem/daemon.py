@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -171,7 +172,7 @@ class Daemon:
         )
         self._resize_workers(config.concurrency)
         self.consumer = Consumer(broker.queue, self.buffer, settler)
-        self.metrics.buffered.set_function(self.buffer.qsize)
+        self.metrics.buffered.set_function(self._buffered)
         self.metrics.consumer_active.set_function(lambda: int(self._consuming()))
         await self.consumer.start()
         # Periodic tasks.
@@ -233,7 +234,16 @@ class Daemon:
             took = time.monotonic() - began
             self.metrics.shutdown_duration.set(took)
             self.metrics.shutdown_requeued.set(self.shutdown_requeued)
-            self.metrics.flush(self.config.metrics_textfile, self.config.pushgateway, "mayhem")
+            # In a thread: a slow Pushgateway must not stall the endpoint's last scrapes.
+            await self._bounded(
+                asyncio.to_thread(
+                    self.metrics.flush,
+                    self.config.metrics_textfile,
+                    self.config.pushgateway,
+                    "mayhem",
+                    {"instance": socket.gethostname(), "queue": self.config.queue},
+                )
+            )
         async with self._step(7, "connection closed; loop stopping"):
             if self.broker is not None:
                 await self._bounded(self.broker.close())
@@ -364,6 +374,10 @@ class Daemon:
             self._worker_tasks.append(self._tg.create_task(self.workers.run()))
         for _ in range(len(self._worker_tasks) - count):
             self.buffer.put_nowait(None)
+
+    def _buffered(self) -> int:
+        # Deliveries only: not the exit markers that shutdown puts in for the workers.
+        return sum(item is not None for item in self.buffer._queue)  # type: ignore[attr-defined]  # noqa: SLF001
 
     def _consuming(self) -> bool:
         return bool(

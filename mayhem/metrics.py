@@ -140,13 +140,23 @@ class Metrics:
         """The exposition text."""
         return generate_latest(self.registry)
 
-    def flush(self, textfile: str | None, pushgateway: str | None, job: str) -> None:
+    def flush(
+        self,
+        textfile: str | None,
+        pushgateway: str | None,
+        job: str,
+        grouping: dict[str, str] | None = None,
+    ) -> None:
         """Write the final values to a textfile and/or a Pushgateway; log and go on on failure.
+
+        Blocking (file and HTTP I/O): call it in a thread.
 
         Args:
             textfile: a path for node_exporter's textfile collector, written atomically.
             pushgateway: the Pushgateway's URL.
             job: the Pushgateway job name.
+            grouping: the Pushgateway grouping key, so that daemons do not overwrite each
+                other's final values.
         """
         # Only mayhem's own metrics leave the process: node_exporter and the Pushgateway export
         # process_* metrics of their own, and a second copy would collide with them.
@@ -159,7 +169,9 @@ class Metrics:
                 log.info("metrics written to %s", textfile)
         if pushgateway:
             try:
-                push_to_gateway(pushgateway, job=job, registry=self._own, timeout=5)
+                push_to_gateway(
+                    pushgateway, job=job, registry=self._own, grouping_key=grouping, timeout=5
+                )
             except OSError as exc:
                 log.warning("metrics not pushed to %s: %s", mask_url(pushgateway), exc)
             else:
