@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar
 
 from mayhem import logs
 from mayhem._version import __version__
-from mayhem.config import Config
+from mayhem.config import Config, mask_url
 from mayhem.exceptions import ConfigError, StartupError
 
 if TYPE_CHECKING:
@@ -135,6 +135,8 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
+    if argv is None:
+        _mask_process_title()
     args = build_parser().parse_args(argv)
     try:
         config = Config.load(file=args.config, flags=_flags(args))
@@ -152,6 +154,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as exc:
         print(f"mayhem: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_FATAL
+
+
+def _mask_process_title() -> None:
+    """Rewrite the process title (``ps``, ``/proc/PID/cmdline``) with passwords masked."""
+    import setproctitle  # noqa: PLC0415 -- only for the real command line
+
+    words = [mask_url(word) if "@" in word else word for word in sys.argv]
+    if words != sys.argv:
+        setproctitle.setproctitle(" ".join(["mayhem", *words[1:]]))
 
 
 def _check_config(config: Config) -> int:

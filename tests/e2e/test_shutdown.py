@@ -139,3 +139,16 @@ async def test_sigint_is_graceful_too(amqp, make_config, spawn):
         await daemon.kill()
     assert daemon.events("shutdown begins (SIGINT)")
     assert daemon.tracebacks() == []
+
+
+async def test_password_not_in_the_process_title(make_config, spawn):
+    """The AMQP password given on the command line does not show in ps or /proc/PID/cmdline."""
+    from pathlib import Path  # noqa: PLC0415
+
+    config = make_config()
+    daemon = spawn(_args(config, "--handler", "sample_handlers:record"))
+    await daemon.start()
+    title = Path(f"/proc/{daemon.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    assert "guest:guest@" not in title
+    assert "amqp://guest:***@127.0.0.1:5672/" in title
+    assert await daemon.stop() == 0
