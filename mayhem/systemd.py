@@ -105,9 +105,17 @@ class Notifier:
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading")
 
-    def extend_timeout(self, seconds: float) -> None:
-        """Ask for ``seconds`` more before systemd's stop (or start) timeout fires."""
-        self.notify(f"EXTEND_TIMEOUT_USEC={max(int(seconds * 1e6), 1)}")
+    def extend_timeout(self, seconds: float, status: str | None = None) -> None:
+        """Ask for ``seconds`` more before systemd's stop (or start) timeout fires.
+
+        Args:
+            seconds: how long from now the next notification may take.
+            status: a ``STATUS=`` to send with it, such as the drain's progress.
+        """
+        fields = [f"EXTEND_TIMEOUT_USEC={max(int(seconds * 1e6), 1)}"]
+        if status is not None:
+            fields.append(_field("STATUS", status))
+        self.notify(*fields)
 
     def watchdog(self) -> None:
         """The daemon is healthy: ``WATCHDOG=1``."""

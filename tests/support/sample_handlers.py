@@ -92,3 +92,33 @@ class _SlowAfterWrite(_Record):
 
 
 slow_after_write = _SlowAfterWrite()
+
+
+class _Staggered(_Record):
+    """Sleeps the number of seconds in the body's "sleep" field, then records the message."""
+
+    async def __call__(self, message: mayhem.Message, ctx: mayhem.Context) -> None:
+        await asyncio.sleep(float(message.json()["sleep"]))
+        await ctx.db.execute(
+            "INSERT INTO applied (message_id, at) VALUES ($1, $2)", message.message_id, time.time()
+        )
+
+
+staggered = _Staggered()
+
+
+class _BlocksTheLoop(_Record):
+    """Blocks the event loop with time.sleep for the body's "block" seconds (a handler bug).
+
+    The row's ``at`` is when the block began, so a test can line it up with what it saw.
+    """
+
+    async def __call__(self, message: mayhem.Message, ctx: mayhem.Context) -> None:
+        began = time.time()
+        time.sleep(float(message.json()["block"]))  # noqa: ASYNC251 -- the bug under test
+        await ctx.db.execute(
+            "INSERT INTO applied (message_id, at) VALUES ($1, $2)", message.message_id, began
+        )
+
+
+blocks_the_loop = _BlocksTheLoop()
