@@ -166,8 +166,13 @@ def _mask_process_title() -> None:
 
 
 def _check_config(config: Config) -> int:
-    for key, value in config.masked().items():
-        print(f"{key} = {_toml(value)}")  # noqa: T201
+    try:
+        for key, value in config.masked().items():
+            print(f"{key} = {_toml(value)}")  # noqa: T201
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `mayhem check-config | head`: the reader left; say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK
 
 

@@ -290,7 +290,9 @@ class Daemon:
                 now_running = self.workers.in_flight if self.workers else 0
                 if now_running < running:
                     # Handlers are finishing: ask systemd not to SIGKILL us meanwhile.
-                    self.notifier.extend_timeout(EXTEND_BY)
+                    self.notifier.extend_timeout(
+                        EXTEND_BY, f"stopping: draining, {now_running} in flight"
+                    )
                 running = now_running
         finally:
             forced.cancel()

@@ -148,7 +148,7 @@ async def test_password_not_in_the_process_title(make_config, spawn):
     config = make_config()
     daemon = spawn(_args(config, "--handler", "sample_handlers:record"))
     await daemon.start()
-    title = Path(f"/proc/{daemon.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    title = Path(f"/proc/{daemon.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()  # noqa: ASYNC240
     assert "guest:guest@" not in title
     assert "amqp://guest:***@127.0.0.1:5672/" in title
     assert await daemon.stop() == 0
