@@ -161,3 +161,31 @@ def test_missing_abstract_socket_never_raises(caplog):
 def test_watchdog_interval(environ, interval):
     """The watchdog interval is half of WATCHDOG_USEC, unless WATCHDOG_PID names another process."""
     assert Notifier({"NOTIFY_SOCKET": "@x", **environ}).watchdog_interval == interval
+
+
+def test_status_with_a_newline_stays_one_field(receiver):
+    """A newline in a status cannot inject another KEY=VALUE field."""
+    sock, path = receiver
+    Notifier({"NOTIFY_SOCKET": path}).status("busy\nREADY=1")
+    fields = sock.recv(4096).decode().split("\n")
+    assert len(fields) == 1
+    assert fields[0].startswith("STATUS=busy")
+
+
+def test_relative_notify_socket_is_ignored():
+    """NOTIFY_SOCKET must be an absolute path or @abstract, as sd_notify requires."""
+    assert Notifier({"NOTIFY_SOCKET": "relative/notify.sock"}).enabled is False
+
+
+def test_watchdog_usec_zero_means_no_watchdog():
+    """WATCHDOG_USEC=0 turns the watchdog off."""
+    assert Notifier({"WATCHDOG_USEC": "0"}).watchdog_interval is None
+
+
+def test_extend_timeout_carries_a_status(receiver):
+    """extend_timeout sends EXTEND_TIMEOUT_USEC in microseconds, with a status when given."""
+    sock, path = receiver
+    Notifier({"NOTIFY_SOCKET": path}).extend_timeout(5.0, "stopping: draining, 3 in flight")
+    fields = sock.recv(4096).decode().split("\n")
+    assert "EXTEND_TIMEOUT_USEC=5000000" in fields
+    assert "STATUS=stopping: draining, 3 in flight" in fields
