@@ -166,7 +166,9 @@ def test_watchdog_interval(environ, interval):
 def test_status_with_a_newline_stays_one_field(receiver):
     """A newline in a status cannot inject another KEY=VALUE field."""
     sock, path = receiver
-    Notifier({"NOTIFY_SOCKET": path}).status("busy\nREADY=1")
+    notifier = Notifier({"NOTIFY_SOCKET": path})
+    notifier.status("busy\nREADY=1")
+    notifier.close()
     fields = sock.recv(4096).decode().split("\n")
     assert len(fields) == 1
     assert fields[0].startswith("STATUS=busy")
@@ -185,7 +187,9 @@ def test_watchdog_usec_zero_means_no_watchdog():
 def test_extend_timeout_carries_a_status(receiver):
     """extend_timeout sends EXTEND_TIMEOUT_USEC in microseconds, with a status when given."""
     sock, path = receiver
-    Notifier({"NOTIFY_SOCKET": path}).extend_timeout(5.0, "stopping: draining, 3 in flight")
+    notifier = Notifier({"NOTIFY_SOCKET": path})
+    notifier.extend_timeout(5.0, "stopping: draining, 3 in flight")
+    notifier.close()
     fields = sock.recv(4096).decode().split("\n")
     assert "EXTEND_TIMEOUT_USEC=5000000" in fields
     assert "STATUS=stopping: draining, 3 in flight" in fields
