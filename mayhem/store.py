@@ -463,8 +463,9 @@ class SQLiteStore(Store):
         if self._reader is None:
             raise StoreUnavailable("SQLite store is closed")
         try:
-            async with self._reader.execute(to_sqlite(_SEEN), (queue, message_id)) as cursor:
-                return await cursor.fetchone() is not None
+            # One hop to the connection's thread: execute and fetch together.
+            found = await self._reader.execute_fetchall(to_sqlite(_SEEN), (queue, message_id))
+            return bool(found)
         except sqlite3.Error as exc:
             if _sqlite_outage(exc):
                 raise StoreUnavailable(str(exc)) from exc
@@ -518,8 +519,7 @@ class _SQLiteTransaction(Transaction):
                 # A lone claim needs no savepoint: one statement is atomic by itself.
                 await db.execute("SAVEPOINT message")
                 self._savepoint = True
-            async with db.execute(to_sqlite(sql), args) as cursor:
-                rows = await cursor.fetchall()
+            rows = await db.execute_fetchall(to_sqlite(sql), args)
         except sqlite3.Error as exc:
             if _sqlite_outage(exc):
                 self.lost = True
