@@ -1,0 +1,87 @@
+"""What the self-timed consumers (raw aio-pika, FastStream) share; standard library only.
+
+Each counts its messages with a :class:`Tally`, waits on it, and prints its result as one
+JSON line on stdout. The tally fails the run when the broker connection is lost or no
+message arrives for ``stall`` seconds, so a disturbed run ends at once instead of hanging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import resource
+import time
+
+
+def arguments(description: str | None) -> argparse.Namespace:
+    """The command line every self-timed consumer takes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/")
+    parser.add_argument("--queue", required=True)
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--prefetch", type=int, default=64)
+    parser.add_argument("--stall", type=float, default=30, help="seconds without a message")
+    return parser.parse_args()
+
+
+class Tally:
+    """Counts messages; marks the clock and the process's CPU time at the first and last.
+
+    Args:
+        count: how many messages make a run.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.seen = 0
+        self.marks: dict[str, float] = {}
+        self.lost: str | None = None
+        self.done = asyncio.Event()
+
+    def first(self) -> None:
+        """Call at the start of each message's handling."""
+        if not self.marks:
+            self.marks["t0"], self.marks["cpu0"] = time.monotonic(), time.process_time()
+
+    def finished(self) -> None:
+        """Call when a message is handled (acked, for the raw consumer)."""
+        self.seen += 1
+        if self.seen == self.count:
+            self.marks["t1"], self.marks["cpu1"] = time.monotonic(), time.process_time()
+            self.done.set()
+
+    def connection_closed(self, *args: object) -> None:
+        """A connection close callback: before the end, the run is void."""
+        if not self.done.is_set():
+            cause = next((a for a in args if isinstance(a, BaseException)), None)
+            self.lost = str(cause) if cause else "closed"
+            self.done.set()
+
+    async def wait(self, stall: float) -> None:
+        """Until the last message; raise if the connection is lost or messages stop coming."""
+        progress, progress_at = self.seen, time.monotonic()
+        while not self.done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.done.wait(), 1.0)
+            if self.seen != progress:
+                progress, progress_at = self.seen, time.monotonic()
+            elif time.monotonic() - progress_at > stall:
+                raise SystemExit(f"stalled at {self.seen}/{self.count} messages")
+        if self.lost is not None:
+            raise SystemExit(f"broker connection lost at {self.seen}/{self.count}: {self.lost}")
+
+    def report(self) -> None:
+        """The result line: messages, seconds and CPU seconds between first and last, peak RSS."""
+        print(
+            json.dumps(
+                {
+                    "count": self.count,
+                    "seconds": self.marks["t1"] - self.marks["t0"],
+                    "cpu_seconds": self.marks["cpu1"] - self.marks["cpu0"],
+                    "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                }
+            ),
+            flush=True,
+        )
