@@ -12,13 +12,12 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-import aio_pika
 import aiormq
 import attrs
 
 from mayhem.broker import connect
 from mayhem.exceptions import ConfigError
-from mayhem.retry import parse_timestamp, strip_mayhem_headers
+from mayhem.retry import copy_message, parse_timestamp, strip_mayhem_headers
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Collection
@@ -112,18 +111,7 @@ async def dead_replay(config: Config, *, ids: Collection[str] | None) -> DeadRep
             if ids is not None and message.message_id not in ids:
                 continue
             report.matched += 1
-            copy = aio_pika.Message(
-                message.body,
-                headers=strip_mayhem_headers(dict(message.headers or {})),
-                content_type=message.content_type,
-                content_encoding=message.content_encoding,
-                message_id=message.message_id,
-                correlation_id=message.correlation_id,
-                timestamp=message.timestamp,
-                type=message.type,
-                app_id=message.app_id,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            )
+            copy = copy_message(message, strip_mayhem_headers(dict(message.headers or {})))
             # Confirmed first, removed after: never in neither queue.
             await channel.default_exchange.publish(copy, routing_key=config.queue, mandatory=True)
             await message.ack()

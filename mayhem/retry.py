@@ -141,7 +141,7 @@ class Failures:
                 "x-mayhem-error": describe(exc)[:MAX_ERROR_HEADER],
             }
         )
-        copy = _copy(delivery, headers, expiration=wait if wait > 0 else None)
+        copy = copy_message(delivery, headers, expiration=wait if wait > 0 else None)
         if not await self._publish(copy, retry_queue(self._config.queue, tier)):
             await self._settler.requeue(delivery)
             return
@@ -171,7 +171,7 @@ class Failures:
                 "x-mayhem-queue": self._config.queue,
             }
         )
-        if not await self._publish(_copy(delivery, headers), self._config.dead_queue):
+        if not await self._publish(copy_message(delivery, headers), self._config.dead_queue):
             await self._settler.requeue(delivery)
             return
         # The error text, never the payload: only its size.
@@ -206,7 +206,7 @@ def _headers(delivery: AbstractIncomingMessage) -> dict[str, Any]:
     }
 
 
-def _copy(
+def copy_message(
     delivery: AbstractIncomingMessage, headers: dict[str, Any], expiration: float | None = None
 ) -> aio_pika.Message:
     """The same message (body, id, properties) with new headers, persistent."""

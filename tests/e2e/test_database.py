@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import asyncpg
 import pytest
 from conftest import PG_URL
-from mayhem_testing import declare, http_get, oracle, publish, rows, wait_until
+from mayhem_testing import declare, http_get, oracle, pg_ctl, pg_ready, publish, rows, wait_until
 
 pytestmark = pytest.mark.postgres
 
@@ -22,23 +19,6 @@ def _args(config, handler: str = "sample_handlers:record", *extra: str) -> list[
         "--handler", handler,
         *extra,
     ]  # fmt: skip
-
-
-def _pg_ctl(action: str) -> None:
-    version = max(p.name for p in Path("/etc/postgresql").iterdir())
-    command = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action]
-    if action == "stop":
-        command += ["-m", "fast"]
-    subprocess.run(command, check=True, capture_output=True, timeout=60)
-
-
-async def _pg_ready() -> bool:
-    try:
-        conn = await asyncpg.connect(PG_URL, timeout=2)
-    except (OSError, asyncpg.PostgresError):
-        return False
-    await conn.close()
-    return True
 
 
 async def _sessions_of(pid: int) -> list[tuple[int, str]]:
@@ -72,7 +52,7 @@ async def test_postgres_down_mid_stream(amqp, make_config, pg_url, spawn):
     await daemon.start()
     await wait_until(lambda: _at_least(pg_url, 200), timeout=30)
     try:
-        _pg_ctl("stop")
+        pg_ctl("stop")
         await daemon.wait_for(lambda e: e["event"].startswith("consumption paused"), 30)
         status, body = await http_get(daemon.metrics_addr, "/readyz")
         assert status == 503
@@ -80,8 +60,8 @@ async def test_postgres_down_mid_stream(amqp, make_config, pg_url, spawn):
         # The outage lasts while the daemon probes with backoff (0.25 s, 0.5 s, 1 s, 2 s ...).
         await wait_until(lambda: len(daemon.events("database still unavailable")) >= 5, timeout=60)
     finally:
-        _pg_ctl("start")
-        await wait_until(_pg_ready, timeout=60)
+        pg_ctl("start")
+        await wait_until(lambda: pg_ready(PG_URL), timeout=60)
     await daemon.wait_for(lambda e: e["event"].startswith("database back"), 60)
     await wait_until(lambda: _at_least(pg_url, 1500), timeout=60)
     status, _ = await http_get(daemon.metrics_addr, "/readyz")

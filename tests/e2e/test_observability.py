@@ -13,6 +13,7 @@ import urllib.parse
 import pytest
 from mayhem_testing import (
     DaemonProcess,
+    daemon_args,
     declare,
     drain,
     http_get,
@@ -29,16 +30,6 @@ SECRET = "guest:guest"  # noqa: S105 -- the test broker's user:password in its U
 TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def _args(config, *extra: str) -> list[str]:
-    return [
-        "--amqp-url", config.amqp_url,
-        "--queue", config.queue,
-        "--exchange", config.exchange,
-        "--db-url", config.db_url,
-        *extra,
-    ]  # fmt: skip
 
 
 def _parse(text: str) -> Samples:
@@ -99,7 +90,7 @@ async def test_counters_equal_the_oracle_per_outcome(amqp, make_config, spawn):
         "--max-attempts", "3",
         "--retry-delays", "0.2",
     ]  # fmt: skip
-    daemon = spawn(_args(config, *options))
+    daemon = spawn(daemon_args(config, *options))
     await daemon.start()
 
     async def everything_landed() -> bool:
@@ -153,7 +144,9 @@ async def test_textfile_holds_the_final_counts_after_sigterm(amqp, make_config, 
     await publish(amqp, config.queue, [b"{}"] * 5 + [b"reject"])
     textfile = tmp_path / "textfile" / "mayhem.prom"
     daemon = spawn(
-        _args(config, "--handler", "sample_handlers:failing", "--metrics-textfile", str(textfile))
+        daemon_args(
+            config, "--handler", "sample_handlers:failing", "--metrics-textfile", str(textfile)
+        )
     )
     await daemon.start()
 
@@ -198,7 +191,7 @@ async def test_readyz_503_during_the_drain(amqp, make_config, spawn, tmp_path):
         "--drain-timeout", "2",
         "--metrics-textfile", str(textfile),
     ]  # fmt: skip
-    daemon = spawn(_args(config, *options))
+    daemon = spawn(daemon_args(config, *options))
     await daemon.start()
 
     async def stuck_with_three_waiting() -> bool:
@@ -238,7 +231,9 @@ async def test_buffered_gauge_counts_deliveries_only(amqp, make_config, spawn):
     config = make_config(handler="sample_handlers:stuck")
     await declare(amqp, config)
     await publish(amqp, config.queue, [b"stuck"])
-    daemon = spawn(_args(config, "--handler", "sample_handlers:stuck", "--drain-timeout", "1"))
+    daemon = spawn(
+        daemon_args(config, "--handler", "sample_handlers:stuck", "--drain-timeout", "1")
+    )
     await daemon.start()
 
     async def stuck() -> bool:
@@ -330,7 +325,7 @@ async def test_readyz_follows_the_broker_connection(amqp, make_config, spawn, br
     """
     config = make_config(amqp_url=broker_proxy.url)
     await declare(amqp, config)
-    daemon = spawn(_args(config, "--handler", "sample_handlers:record"))
+    daemon = spawn(daemon_args(config, "--handler", "sample_handlers:record"))
     await daemon.start()
     assert await http_get(daemon.metrics_addr, "/readyz") == (200, "ready\n")
     await broker_proxy.cut()
@@ -382,7 +377,7 @@ async def test_json_logs_health_and_no_secret(amqp, make_config, spawn):
         "--max-attempts", "1",
         "--log-level", "DEBUG",
     ]  # fmt: skip
-    daemon = spawn(_args(config, *options))
+    daemon = spawn(daemon_args(config, *options))
     await daemon.start()
 
     async def settled() -> bool:

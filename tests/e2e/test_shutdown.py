@@ -5,17 +5,16 @@ from __future__ import annotations
 import signal
 import time
 
-from mayhem_testing import DaemonProcess, declare, http_get, oracle, publish, rows, wait_until
-
-
-def _args(config, *extra: str) -> list[str]:
-    return [
-        "--amqp-url", config.amqp_url,
-        "--queue", config.queue,
-        "--exchange", config.exchange,
-        "--db-url", config.db_url,
-        *extra,
-    ]  # fmt: skip
+from mayhem_testing import (
+    DaemonProcess,
+    daemon_args,
+    declare,
+    http_get,
+    oracle,
+    publish,
+    rows,
+    wait_until,
+)
 
 
 async def _in_flight(daemon: DaemonProcess) -> float:
@@ -37,7 +36,7 @@ async def test_sigterm_under_load_loses_nothing(amqp, make_config, db_url, spawn
     await declare(amqp, config)
     ids = await publish(amqp, config.queue, [b'{"n": 1}'] * 3000)
     daemon = spawn(
-        _args(config, "--handler", "sample_handlers:record", "--concurrency", "32"),
+        daemon_args(config, "--handler", "sample_handlers:record", "--concurrency", "32"),
         env={"SAMPLE_HANDLER_DELAY": "0.02"},
     )
     await daemon.start()
@@ -77,7 +76,7 @@ async def test_second_sigterm_stops_waiting(amqp, make_config, spawn):
     await declare(amqp, config)
     ids = await publish(amqp, config.queue, [b"stuck"])
     daemon = spawn(
-        _args(
+        daemon_args(
             config,
             "--handler",
             "sample_handlers:stuck",
@@ -115,7 +114,9 @@ async def test_stuck_handler_cancelled_at_drain_deadline(amqp, make_config, db_u
     config = make_config(db_url=db_url)
     await declare(amqp, config)
     ids = await publish(amqp, config.queue, [b"stuck"])
-    daemon = spawn(_args(config, "--handler", "sample_handlers:stuck", "--drain-timeout", "1"))
+    daemon = spawn(
+        daemon_args(config, "--handler", "sample_handlers:stuck", "--drain-timeout", "1")
+    )
     await daemon.start()
     await wait_until(lambda: _in_flight_at_least(daemon, 1), timeout=10)
     assert await daemon.stop(timeout=20) == 0
@@ -130,7 +131,7 @@ async def test_stuck_handler_cancelled_at_drain_deadline(amqp, make_config, db_u
 async def test_sigint_is_graceful_too(amqp, make_config, spawn):
     """SIGINT (Ctrl-C) starts the same graceful shutdown as SIGTERM."""
     config = make_config()
-    daemon = spawn(_args(config, "--handler", "sample_handlers:record"))
+    daemon = spawn(daemon_args(config, "--handler", "sample_handlers:record"))
     await daemon.start()
     try:
         daemon.signal(signal.SIGINT)
@@ -146,7 +147,7 @@ async def test_password_not_in_the_process_title(make_config, spawn):
     from pathlib import Path  # noqa: PLC0415
 
     config = make_config()
-    daemon = spawn(_args(config, "--handler", "sample_handlers:record"))
+    daemon = spawn(daemon_args(config, "--handler", "sample_handlers:record"))
     await daemon.start()
     title = Path(f"/proc/{daemon.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()  # noqa: ASYNC240
     assert "guest:guest@" not in title

@@ -14,20 +14,21 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import time
 import uuid
 from pathlib import Path
 
-import asyncpg
 import attrs
 import pytest
 from conftest import PG_URL
 from mayhem_testing import (
     DaemonProcess,
     close_connections_of,
+    daemon_args,
     declare,
     metric,
+    pg_ctl,
+    pg_ready,
     publish,
     rows,
     wait_until,
@@ -144,16 +145,6 @@ def _env(notify: Listener, watchdog_usec: int | None = WATCHDOG_USEC, **extra: s
     }
 
 
-def _args(config, *extra: str) -> list[str]:
-    return [
-        "--amqp-url", config.amqp_url,
-        "--queue", config.queue,
-        "--exchange", config.exchange,
-        "--db-url", config.db_url,
-        *extra,
-    ]  # fmt: skip
-
-
 def _gaps(pings: list[Datagram]) -> list[tuple[float, float]]:
     """(start, length) of each gap between consecutive pings, in wall-clock time."""
     return [(a.wall, b.wall - a.wall) for a, b in itertools.pairwise(pings)]
@@ -182,7 +173,7 @@ async def test_ready_after_the_consumer_is_up_pings_then_stopping(
     """
     config = make_config()
     await declare(amqp, config)
-    daemon = spawn(_args(config, "--handler", "sample_handlers:record"), env=_env(listener))
+    daemon = spawn(daemon_args(config, "--handler", "sample_handlers:record"), env=_env(listener))
     await daemon.start(wait_ready=False)
     ready = await listener.wait_for("READY", "1")
     assert await _consumers(amqp, config.queue) == 1, "READY=1 came before the consumer"
@@ -214,7 +205,7 @@ async def test_abstract_notify_socket(amqp, make_config, abstract_listener, spaw
     Without WATCHDOG_USEC there is no WATCHDOG=1 at all.
     """
     config = make_config()
-    daemon = spawn(_args(config), env=_env(abstract_listener, watchdog_usec=None))
+    daemon = spawn(daemon_args(config), env=_env(abstract_listener, watchdog_usec=None))
     await daemon.start()
     await abstract_listener.wait_for("READY", "1")
     assert await daemon.stop() == 0
@@ -240,7 +231,7 @@ async def test_status_counts_and_no_pings_for_another_watchdog_pid(
     await declare(amqp, config)
     await publish(amqp, config.queue, [b"{}"] * 3)
     env = {**_env(listener), "WATCHDOG_PID": str(os.getpid())}
-    daemon = spawn(_args(config, "--handler", "sample_handlers:record"), env=env)
+    daemon = spawn(daemon_args(config, "--handler", "sample_handlers:record"), env=env)
     await daemon.start()
     ready = await listener.wait_for("READY", "1")
     await wait_until(lambda: _applied_at_least(config.db_url, 3), timeout=10)
@@ -265,7 +256,7 @@ async def test_extend_timeout_while_the_drain_progresses(amqp, make_config, list
     bodies = [json.dumps({"sleep": seconds}).encode() for seconds in (1, 2, 3)]
     await publish(amqp, config.queue, bodies)
     daemon = spawn(
-        _args(config, "--handler", "sample_handlers:staggered", "--concurrency", "3"),
+        daemon_args(config, "--handler", "sample_handlers:staggered", "--concurrency", "3"),
         env=_env(listener),
     )
     await daemon.start()
@@ -295,7 +286,7 @@ async def test_reload_sends_reloading_then_ready(amqp, make_config, listener, sp
     config = make_config()
     config_file = tmp_path / "mayhem.toml"
     config_file.write_text("[mayhem]\nconcurrency = 2\n")
-    daemon = spawn(_args(config, "--config", str(config_file)), env=_env(listener))
+    daemon = spawn(daemon_args(config, "--config", str(config_file)), env=_env(listener))
     await daemon.start()
     ready = await listener.wait_for("READY", "1")
     config_file.write_text("[mayhem]\nconcurrency = 3\n")
@@ -324,7 +315,7 @@ async def test_a_blocked_loop_stops_the_pings(amqp, make_config, listener, spawn
     config = make_config()
     await declare(amqp, config)
     daemon = spawn(
-        _args(config, "--handler", "sample_handlers:blocks_the_loop"), env=_env(listener)
+        daemon_args(config, "--handler", "sample_handlers:blocks_the_loop"), env=_env(listener)
     )
     await daemon.start()
     ready = await listener.wait_for("READY", "1")
@@ -354,7 +345,7 @@ async def test_a_dead_consumer_stops_the_pings(amqp, make_config, listener, spaw
     """
     config = make_config()
     await declare(amqp, config)
-    daemon = spawn(_args(config, "--handler", "sample_handlers:record"), env=_env(listener))
+    daemon = spawn(daemon_args(config, "--handler", "sample_handlers:record"), env=_env(listener))
     await daemon.start()
     ready = await listener.wait_for("READY", "1")
     await listener.wait_for("WATCHDOG", "1", after=ready.at, count=3, timeout=10)
@@ -385,20 +376,20 @@ async def test_pings_go_on_while_paused_for_a_database_outage(
     await declare(amqp, config)
     await publish(amqp, config.queue, [b"{}"] * 1000)
     daemon = spawn(
-        _args(config, "--handler", "sample_handlers:record"),
+        daemon_args(config, "--handler", "sample_handlers:record"),
         env=_env(listener, SAMPLE_HANDLER_DELAY="0.01"),
     )
     await daemon.start()
     await wait_until(lambda: _applied_at_least(pg_url, 50), timeout=30)
     try:
-        await asyncio.to_thread(_pg_ctl, "stop")
+        await asyncio.to_thread(pg_ctl, "stop")
         await daemon.wait_for(lambda e: e["event"].startswith("consumption paused"), 30)
         paused = time.monotonic()
         await wait_until(lambda: len(daemon.events("database still unavailable")) >= 3, timeout=30)
         probing = time.monotonic()
     finally:
-        await asyncio.to_thread(_pg_ctl, "start")
-        await wait_until(_pg_ready, timeout=60)
+        await asyncio.to_thread(pg_ctl, "start")
+        await wait_until(lambda: pg_ready(PG_URL), timeout=60)
     pings = [d for d in listener.with_key("WATCHDOG", after=paused) if d.at <= probing]
     assert len(pings) >= (probing - paused) / PING / 2
     assert max((gap for _, gap in _gaps(pings)), default=0.0) < 5 * PING
@@ -409,7 +400,7 @@ async def test_pings_go_on_while_paused_for_a_database_outage(
 async def test_no_ready_when_startup_fails(make_config, listener, spawn):
     """A daemon that cannot reach the broker exits 1 without ever sending READY=1."""
     config = make_config(amqp_url="amqp://guest:guest@127.0.0.1:1/")
-    daemon = spawn(_args(config), env=_env(listener))
+    daemon = spawn(daemon_args(config), env=_env(listener))
     await daemon.start(wait_ready=False)
     assert await daemon.wait(timeout=30) == 1
     listener.drain()
@@ -423,20 +414,3 @@ async def _applied_at_least(db_url: str, n: int) -> bool:
 
 async def _in_flight_at_least(daemon: DaemonProcess, n: int) -> bool:
     return await metric(daemon.metrics_addr, "mayhem_messages_in_flight") >= n
-
-
-def _pg_ctl(action: str) -> None:
-    version = max(p.name for p in Path("/etc/postgresql").iterdir())
-    command = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action]
-    if action == "stop":
-        command += ["-m", "fast"]
-    subprocess.run(command, check=True, capture_output=True, timeout=60)
-
-
-async def _pg_ready() -> bool:
-    try:
-        conn = await asyncpg.connect(PG_URL, timeout=2)
-    except (OSError, asyncpg.PostgresError):
-        return False
-    await conn.close()
-    return True

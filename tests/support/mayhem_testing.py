@@ -339,3 +339,33 @@ async def wait_until(predicate: Any, timeout: float = 30, interval: float = 0.05
         if time.monotonic() > deadline:
             raise TimeoutError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)  # waits on the condition above, polled
+
+
+def daemon_args(config: Config, *extra: str) -> list[str]:
+    """`mayhem run` flags for a test's broker, queue, exchange and database."""
+    return [
+        "--amqp-url", config.amqp_url,
+        "--queue", config.queue,
+        "--exchange", config.exchange,
+        "--db-url", config.db_url,
+        *extra,
+    ]  # fmt: skip
+
+
+def pg_ctl(action: str) -> None:
+    """Start or (fast) stop this machine's PostgreSQL cluster."""
+    version = max(p.name for p in Path("/etc/postgresql").iterdir())
+    command = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action]
+    if action == "stop":
+        command += ["-m", "fast"]
+    subprocess.run(command, check=True, capture_output=True, timeout=60)
+
+
+async def pg_ready(url: str) -> bool:
+    """PostgreSQL accepts a connection at ``url``."""
+    try:
+        conn = await asyncpg.connect(url, timeout=2)
+    except (OSError, asyncpg.PostgresError):
+        return False
+    await conn.close()
+    return True
