@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar
 
 from mayhem import logs
@@ -30,6 +31,7 @@ N = TypeVar("N", int, float)
 EXIT_OK: Final = 0
 EXIT_FATAL: Final = 1
 EXIT_USAGE: Final = 2
+THREAD_GRACE: Final = 0.5
 
 
 class _Parser(argparse.ArgumentParser):
@@ -205,7 +207,12 @@ def _exit_despite_stuck_threads(code: int) -> None:
     Its message was requeued and its transaction rolled back at the drain deadline, but the
     interpreter would wait for the thread forever at exit; a thread cannot be cancelled.
     """
-    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    deadline = time.monotonic() + THREAD_GRACE
+    for thread in others:
+        # Idle pool threads leave at once; give them a moment before calling any stuck.
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t for t in others if t.is_alive()]
     if stuck:
         log.warning("exiting with %d handler threads still running: %s", len(stuck), stuck)
         logging.shutdown()

@@ -181,12 +181,14 @@ class Consumer:
             self._tag = await self._queue.consume(self._on_delivery)
 
     async def _on_delivery(self, delivery: AbstractIncomingMessage) -> None:
+        # Noted first, even if it goes straight back: a gap in the tags would stop the acks
+        # from ever being batched on this channel again.
+        self._settler.delivered(delivery)
         if self._tag is None:
             # Sent before our basic.cancel reached the broker: hand it straight back.
             await self._settler.requeue(delivery)
             return
         self.delivered += 1
-        self._settler.delivered(delivery)
         # Never blocks: the broker sends at most prefetch unacked deliveries, and the buffer
         # holds that many.
         await self._buffer.put(delivery)

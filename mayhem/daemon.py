@@ -248,6 +248,8 @@ class Daemon:
             if self.broker is not None:
                 await self._bounded(self.broker.close())
             await self._cancel_background()
+            if self.workers is not None:
+                self.workers.close()
             if self.health is not None:
                 await self._bounded(self.health.stop())
             self.notifier.close()

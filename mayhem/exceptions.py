@@ -65,3 +65,11 @@ class HandlerTimeout(MayhemError):  # noqa: N818 -- what happened, as the error 
 
 class TransactionClosed(MayhemError):  # noqa: N818 -- a state, as the message says
     """``ctx.db`` was used after its transaction ended (a handler thread that outlived it)."""
+
+
+class TransactionAborted(MayhemError):  # noqa: N818 -- a state, as the message says
+    """A statement failed and the transaction was rolled back, yet the handler returned.
+
+    PostgreSQL fails a whole transaction at its first error; the message follows the retry
+    policy.
+    """

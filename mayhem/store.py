@@ -25,7 +25,13 @@ import aiosqlite
 import asyncpg
 
 from mayhem.config import mask_url
-from mayhem.exceptions import ConfigError, StartupError, StoreUnavailable, TransactionClosed
+from mayhem.exceptions import (
+    ConfigError,
+    StartupError,
+    StoreUnavailable,
+    TransactionAborted,
+    TransactionClosed,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -81,6 +87,27 @@ class Transaction(abc.ABC):
 
     lost: bool = False
     ended: bool = False
+    _busy: int = 0
+    _idle: asyncio.Event | None = None
+
+    def _call_started(self) -> None:
+        if self.ended:
+            raise TransactionClosed(TRANSACTION_ENDED)
+        self._busy += 1
+        if self._idle is None:
+            self._idle = asyncio.Event()
+        self._idle.clear()
+
+    def _call_done(self) -> None:
+        self._busy -= 1
+        if not self._busy and self._idle is not None:
+            self._idle.set()
+
+    async def _quiesce(self) -> None:
+        """Refuse new statements, then wait for those in progress (a handler thread's)."""
+        self.ended = True
+        if self._busy and self._idle is not None:
+            await self._idle.wait()
 
     @abc.abstractmethod
     async def execute(self, sql: str, *args: object) -> None:
@@ -336,13 +363,19 @@ class SQLiteStore(Store):
     async def _enter(self) -> aiosqlite.Connection:
         """Take the writer for one message: join (or begin) the shared transaction."""
         await self._lock()
+        db = self._writer
+        if db is None:
+            self._write_lock.release()
+            raise StoreUnavailable("SQLite store is closed")
+        if self._batch_open:
+            return db
+        begin = asyncio.ensure_future(self._begin_batch(db))
         try:
-            db = self._writer
-            if db is None:
-                raise StoreUnavailable("SQLite store is closed")
-            if not self._batch_open:
-                await db.execute("BEGIN IMMEDIATE")
-                self._batch_open = True
+            await asyncio.shield(begin)
+        except asyncio.CancelledError:
+            # The BEGIN still runs in aiosqlite's thread: hand the writer on only after it.
+            begin.add_done_callback(self._release_after)
+            raise
         except sqlite3.Error as exc:
             self._write_lock.release()
             raise StoreUnavailable(f"cannot begin: {exc}") from exc
@@ -351,7 +384,18 @@ class SQLiteStore(Store):
             raise
         return db
 
-    async def _leave(self, *, keep: bool, savepoint: bool) -> asyncio.Future[None] | None:
+    async def _begin_batch(self, db: aiosqlite.Connection) -> None:
+        await db.execute("BEGIN IMMEDIATE")
+        self._batch_open = True
+
+    def _release_after(self, begin: asyncio.Future[None]) -> None:
+        if not begin.cancelled() and begin.exception() is not None:
+            log.warning("SQLite BEGIN failed after its caller was cancelled: %s", begin.exception())
+        self._write_lock.release()
+
+    async def _leave(
+        self, *, keep: bool, savepoint: bool, wait: bool = False
+    ) -> asyncio.Future[None] | None:
         """End one message's savepoint; return the future of the commit that makes it durable.
 
         Group commit: the transaction commits when no other message waits for the writer,
@@ -366,7 +410,7 @@ class SQLiteStore(Store):
                 if not keep:
                     await db.execute("ROLLBACK TO message")
                 await db.execute("RELEASE message")
-            if keep:
+            if keep or wait:
                 waiter = asyncio.get_running_loop().create_future()
                 self._batch.append(waiter)
         except sqlite3.Error as exc:
@@ -502,6 +546,7 @@ class _SQLiteTransaction(Transaction):
         self._store = store
         self._db: aiosqlite.Connection | None = None
         self._savepoint = False
+        self._conflict = False
 
     async def _begin(self) -> aiosqlite.Connection:
         if self._db is not None:
@@ -512,7 +557,19 @@ class _SQLiteTransaction(Transaction):
         return self._db
 
     async def _run(self, sql: str, args: tuple[object, ...], *, alone: bool = False) -> list[Row]:
+        self._call_started()
+        try:
+            return await self._statement(sql, args, alone=alone)
+        finally:
+            self._call_done()
+
+    async def _statement(self, sql: str, args: tuple[object, ...], *, alone: bool) -> list[Row]:
         db = await self._begin()
+        if self.ended:
+            # It ended while this call waited for the writer: hand the writer straight on.
+            self._db = None
+            await asyncio.shield(self._store._leave(keep=False, savepoint=False))  # noqa: SLF001
+            raise TransactionClosed(TRANSACTION_ENDED)
         try:
             if not alone and not self._savepoint:
                 # The handler's statements can be undone apart from the other messages'.
@@ -525,6 +582,12 @@ class _SQLiteTransaction(Transaction):
                 self.lost = True
                 raise StoreUnavailable(str(exc)) from exc
             raise
+        finally:
+            if not db.in_transaction:
+                # ROLLBACK-style SQL (or an I/O error) ended the shared transaction: the
+                # other messages in it are lost too, and this one cannot go on.
+                self.lost = True
+                raise StoreUnavailable("the shared transaction was rolled back")
         return [dict(row) for row in rows]
 
     async def execute(self, sql: str, *args: object) -> None:
@@ -540,6 +603,10 @@ class _SQLiteTransaction(Transaction):
         rows = await self._run(
             _CLAIM + " RETURNING 1", (queue, message_id, time.time()), alone=True
         )
+        if not rows:
+            # The row may be another message's, not yet committed in this same group:
+            # report the duplicate only once that commit is done.
+            self._conflict = True
         return len(rows) == 1
 
     async def __aenter__(self) -> Self:
@@ -551,14 +618,16 @@ class _SQLiteTransaction(Transaction):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        await self._quiesce()
         db, self._db = self._db, None
-        self.ended = True
         if db is None:
             return
         # Shielded: a cancelled worker must still close its savepoint and hand the connection
         # on; the group commit then goes ahead without it.
         committed = await asyncio.shield(
-            self._store._leave(keep=exc_type is None, savepoint=self._savepoint)  # noqa: SLF001
+            self._store._leave(  # noqa: SLF001
+                keep=exc_type is None, savepoint=self._savepoint, wait=self._conflict
+            )
         )
         if committed is not None:
             await committed
@@ -600,7 +669,6 @@ class PostgresStore(Store):
                 self._dsn,
                 min_size=1,
                 max_size=self._pool_size,
-                command_timeout=60,
                 server_settings={"application_name": application_name()},
             )
             async with self._pool.acquire() as conn, conn.transaction():
@@ -676,6 +744,16 @@ class PostgresStore(Store):
             raise StoreUnavailable(_describe(exc)) from exc
 
 
+# Errors of a statement that mean its connection is gone, whatever the connection reports.
+_PG_CONNECTION_LOST: Final = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.InternalClientError,
+    ConnectionError,
+)
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
@@ -685,6 +763,7 @@ class _PostgresTransaction(Transaction):
         self._pool = pool
         self._conn: PoolConnection | None = None
         self._tx: Any = None
+        self.aborted: BaseException | None = None
 
     async def _begin(self) -> PoolConnection:
         if self._conn is not None:
@@ -709,15 +788,23 @@ class _PostgresTransaction(Transaction):
         return conn
 
     async def _call(self, call: Callable[[PoolConnection], Awaitable[Any]]) -> Any:  # noqa: ANN401
-        conn = await self._begin()
+        self._call_started()
         try:
-            return await call(conn)
-        except Exception as exc:
-            # An SQL error is the handler's; anything on a connection that is gone is not.
-            if isinstance(exc, _PG_OUTAGE) or conn.is_closed():
-                self.lost = True
-                raise StoreUnavailable(_describe(exc)) from exc
-            raise
+            conn = await self._begin()
+            try:
+                return await call(conn)
+            except Exception as exc:
+                # A lost connection is not the message's fault; an SQL error, a statement
+                # timeout or a misuse of ctx.db on a live connection is the handler's.
+                if conn.is_closed() or isinstance(exc, _PG_CONNECTION_LOST):
+                    self.lost = True
+                    raise StoreUnavailable(_describe(exc)) from exc
+                # PostgreSQL has now failed the whole transaction: COMMIT would roll it
+                # back without an error, so it must never be taken for a success.
+                self.aborted = exc
+                raise
+        finally:
+            self._call_done()
 
     async def execute(self, sql: str, *args: object) -> None:
         """Run a statement in the transaction."""
@@ -742,11 +829,11 @@ class _PostgresTransaction(Transaction):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        await self._quiesce()
         conn, tx, self._conn, self._tx = self._conn, self._tx, None, None
-        self.ended = True
         if conn is None:
             return
-        commit = exc_type is None
+        commit = exc_type is None and self.aborted is None
         try:
             # Shielded: a cancelled worker must still end its transaction and give the
             # connection back, or the pool leaks it.
@@ -761,6 +848,12 @@ class _PostgresTransaction(Transaction):
                 raise StoreUnavailable(f"commit failed: {_describe(error)}") from error
             else:
                 raise
+        if exc_type is None and self.aborted is not None:
+            # The handler caught a failed statement and returned: nothing was committed.
+            msg = (
+                f"a statement failed and the transaction was rolled back: {_describe(self.aborted)}"
+            )
+            raise TransactionAborted(msg) from self.aborted
 
     async def _finish(self, conn: PoolConnection, tx: Any, *, commit: bool) -> None:  # noqa: ANN401
         try:

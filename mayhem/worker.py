@@ -12,6 +12,7 @@ A crash between 3's commit and ack is healed by step 1 on redelivery.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import enum
 import functools
@@ -89,6 +90,7 @@ class Workers:
         self._failures = failures
         self._metrics = metrics
         self._on_store_outage = on_store_outage
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.in_flight = 0
         self.acked = 0
         self.cancelled = 0
@@ -202,7 +204,18 @@ class Workers:
         # A plain def runs in the thread pool, with a ctx.db that blocks its thread.
         ctx = SyncContext(db=BlockingTransaction(tx), log=logger)
         call = functools.partial(contextvars.copy_context().run, self._handler, message, ctx)
-        await asyncio.get_running_loop().run_in_executor(None, call)
+        if self._executor is None:
+            # Our own pool, not the loop's default one: closing the loop waits for the
+            # default pool's threads forever, and a stuck handler's thread never ends.
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=self._config.concurrency, thread_name_prefix="mayhem-handler"
+            )
+        await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def close(self) -> None:
+        """Let go of the handler threads without waiting for them (a stuck one never ends)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 async def _shielded(settle: Any) -> None:  # noqa: ANN401 -- any awaitable

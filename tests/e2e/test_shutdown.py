@@ -153,3 +153,24 @@ async def test_password_not_in_the_process_title(make_config, spawn):
     assert "guest:guest@" not in title
     assert "amqp://guest:***@127.0.0.1:5672/" in title
     assert await daemon.stop() == 0
+
+
+async def test_stuck_plain_def_handler_does_not_hang_the_exit(amqp, make_config, spawn):
+    """A plain def handler stuck in its thread: the daemon still exits, the message requeued.
+
+    1. The handler sleeps for an hour in its thread; drain_timeout 1 s.
+    2. SIGTERM: the message is requeued at the deadline.
+    3. The process exits 0 without waiting for the thread.
+    """
+    config = make_config()
+    await declare(amqp, config)
+    ids = await publish(amqp, config.queue, [b"{}"])
+    daemon = spawn(
+        daemon_args(config, "--handler", "sample_handlers:sync_stuck", "--drain-timeout", "1")
+    )
+    await daemon.start()
+    await wait_until(lambda: _in_flight_at_least(daemon, 1), timeout=10)
+    assert await daemon.stop(timeout=30) == 0
+    assert daemon.events("exiting with 1 handler threads still running")
+    verdict = await oracle(amqp, config.queue, config.db_url, ids)
+    assert verdict.queued == 1

@@ -122,3 +122,11 @@ class _BlocksTheLoop(_Record):
 
 
 blocks_the_loop = _BlocksTheLoop()
+
+
+def sync_stuck(message: mayhem.Message, ctx: mayhem.SyncContext) -> None:
+    """A plain def handler that never returns (a thread cannot be cancelled)."""
+    time.sleep(3600)
+
+
+sync_stuck.setup = _setup  # type: ignore[attr-defined]

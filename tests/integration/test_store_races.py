@@ -1,0 +1,159 @@
+"""Races at the inbox, reproduced against real SQLite files and the real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import sqlite3
+
+import asyncpg
+import pytest
+
+from mayhem.exceptions import StoreUnavailable, TransactionAborted
+from mayhem.store import BlockingTransaction, PostgresStore, SQLiteStore
+
+
+async def _sqlite_store(tmp_path) -> SQLiteStore:
+    store = SQLiteStore(tmp_path / "races.db")
+    await store.open()
+    async with store.transaction() as tx:
+        await tx.execute("CREATE TABLE t (k TEXT PRIMARY KEY)")
+    return store
+
+
+def _committed(store: SQLiteStore, sql: str) -> int:
+    with sqlite3.connect(store.path) as db:
+        return db.execute(sql).fetchone()[0]
+
+
+async def test_sqlite_duplicate_reported_only_after_the_first_copy_commits(tmp_path):
+    """Two copies of one id in one group commit: the second waits for the first's commit.
+
+    It is a duplicate only after the first copy commits; before that, the first copy's
+    commit may still fail, and the message would be lost.
+    """
+    store = await _sqlite_store(tmp_path)
+    first_wrote, release_first = asyncio.Event(), asyncio.Event()
+
+    async def first(tx):
+        await tx.execute("INSERT INTO t VALUES ('first')")
+        first_wrote.set()
+        await release_first.wait()
+
+    async def second(tx):
+        await tx.execute("INSERT INTO t VALUES ('second')")
+
+    one = asyncio.create_task(store.apply("q", "m", first))
+    await first_wrote.wait()
+    two = asyncio.create_task(store.apply("q", "m", second))
+    seen_at_duplicate: list[int] = []
+    two.add_done_callback(
+        lambda _: seen_at_duplicate.append(
+            _committed(store, "SELECT count(*) FROM mayhem_inbox WHERE message_id = 'm'")
+        )
+    )
+    release_first.set()
+    assert await one is True
+    assert await two is False
+    assert seen_at_duplicate == [1], "the duplicate was reported before the first commit"
+    assert _committed(store, "SELECT count(*) FROM t") == 1
+    await store.close(1)
+
+
+async def test_sqlite_rollback_sql_fails_the_group_not_silently(tmp_path):
+    """SQL that rolls the shared transaction back (INSERT OR ROLLBACK) cannot pass as done."""
+    store = await _sqlite_store(tmp_path)
+    async with store.transaction() as tx:
+        await tx.execute("INSERT INTO t VALUES ('dup')")
+
+    async def rolls_back(tx):
+        with contextlib.suppress(sqlite3.IntegrityError):
+            await tx.execute("INSERT OR ROLLBACK INTO t VALUES ('dup')")
+        await tx.execute("INSERT INTO t VALUES ('after')")
+
+    with pytest.raises(StoreUnavailable):
+        await store.apply("q", "x", rolls_back)
+    assert _committed(store, "SELECT count(*) FROM mayhem_inbox WHERE message_id = 'x'") == 0
+    assert _committed(store, "SELECT count(*) FROM t WHERE k = 'after'") == 0
+    await store.close(1)
+
+
+async def test_sqlite_timed_out_thread_never_keeps_the_writer(tmp_path):
+    """A plain def handler's ctx.db call outliving its timeout never keeps the writer.
+
+    The call waits for the writer while the handler times out; it is refused when it gets
+    the writer, and the next message goes through.
+    """
+    store = await _sqlite_store(tmp_path)
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def holder(tx):
+        await tx.execute("INSERT INTO t VALUES ('holder')")
+        holding.set()
+        await release.wait()
+
+    def late(db: BlockingTransaction) -> None:
+        db.execute("INSERT INTO t VALUES ('late')")
+
+    async def sync_work(tx):
+        call = functools.partial(contextvars.copy_context().run, late, BlockingTransaction(tx))
+        await asyncio.get_running_loop().run_in_executor(None, call)
+
+    held = asyncio.create_task(store.apply("q", "h", holder))
+    await holding.wait()
+    # The holder lets go after the timeout has fired, while the late call still waits.
+    asyncio.get_running_loop().call_later(0.5, release.set)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await store.apply("q", "s", sync_work)
+    assert await held is True
+
+    async def following(tx):
+        await tx.execute("INSERT INTO t VALUES ('next')")
+
+    assert await asyncio.wait_for(store.apply("q", "n", following), 10) is True
+    assert _committed(store, "SELECT count(*) FROM t WHERE k = 'late'") == 0
+    assert not store._write_lock.locked()
+    await store.close(1)
+
+
+async def test_postgres_swallowed_sql_error_is_not_a_success(pg_url):
+    """A handler that catches a failed statement and returns is not a success.
+
+    PostgreSQL turns the COMMIT into a ROLLBACK without an error: nothing was committed.
+    """
+    store = PostgresStore(pg_url, pool_size=2)
+    await store.open()
+    async with store.transaction() as tx:
+        await tx.execute("CREATE TABLE t (k TEXT PRIMARY KEY)")
+        await tx.execute("INSERT INTO t VALUES ('dup')")
+
+    async def swallows(tx):
+        await tx.execute("INSERT INTO t VALUES ('effect')")
+        with contextlib.suppress(asyncpg.UniqueViolationError):
+            await tx.execute("INSERT INTO t VALUES ('dup')")
+
+    with pytest.raises(TransactionAborted):
+        await store.apply("q", "m", swallows)
+    async with store.transaction() as tx:
+        assert await tx.fetchval("SELECT count(*) FROM t WHERE k = 'effect'") == 0
+        assert await tx.fetchval("SELECT count(*) FROM mayhem_inbox WHERE message_id = 'm'") == 0
+    await store.close(5)
+
+
+async def test_postgres_handler_misuse_is_a_failure_not_an_outage(pg_url):
+    """A wrong argument type is the handler's error, not a database outage."""
+    store = PostgresStore(pg_url, pool_size=2)
+    await store.open()
+    async with store.transaction() as tx:
+        await tx.execute("CREATE TABLE n (k TEXT, v INTEGER)")
+
+    async def wrong_type(tx):
+        await tx.execute("INSERT INTO n VALUES ($1, $2)", "x", "not-an-int")
+
+    with pytest.raises(Exception) as raised:  # noqa: PT011 -- any error but an outage
+        await store.apply("q", "m", wrong_type)
+    assert not isinstance(raised.value, StoreUnavailable)
+    await store.close(5)
