@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 CONNECTION_NAME_PREFIX: Final = "mayhem"
 RECONNECT_INTERVAL: Final = 1.0
-PUBLISH_TIMEOUT: Final = 30.0
 
 
 def connection_name(queue: str, role: str = "consumer") -> str:

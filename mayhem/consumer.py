@@ -1,7 +1,7 @@
 """The consumer: AMQP deliveries into a bounded buffer, and settling them (ack, requeue).
 
-``stop()`` and ``pause()`` send ``basic.cancel`` first and then requeue every delivery still
-buffered, because the broker does not take back what it already sent.
+Stopping (at shutdown, or while the database is down) is ``cancel()`` — ``basic.cancel`` — first
+and then ``requeue_buffered()``, because the broker does not take back what it already sent.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ class Consumer:
     Args:
         queue: the work queue (a robust queue: the subscription survives reconnects).
         buffer: where deliveries wait for a worker; bounded by the prefetch window.
-        settler: settles what ``stop()`` and ``pause()`` hand back.
+        settler: settles what ``requeue_buffered()`` and late deliveries hand back.
     """
 
     def __init__(
@@ -231,8 +231,3 @@ class Consumer:
         for delivery in keep:
             self._buffer.put_nowait(delivery)
         return dropped
-
-    async def stop(self) -> int:
-        """Cancel the subscription, then requeue the buffer; return how many were requeued."""
-        await self.cancel()
-        return await self.requeue_buffered()

@@ -88,7 +88,6 @@ class Daemon:
         self._tg: asyncio.TaskGroup | None = None
         self._worker_tasks: list[asyncio.Task[None]] = []
         self._background: list[asyncio.Task[Any]] = []
-        self._demo_task: asyncio.Task[PublishReport] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._store_down = asyncio.Event()
         self._store_ok = True
@@ -185,7 +184,7 @@ class Daemon:
         if self.notifier.watchdog_interval:
             self._spawn(self._watchdog(self.notifier.watchdog_interval))
         if config.demo:
-            self._demo_task = self._spawn(self._demo_publisher())
+            self._spawn(self._demo_publisher())
         self._started = True
         took = time.monotonic() - began
         self.notifier.ready(self._status())
