@@ -5,7 +5,16 @@ from __future__ import annotations
 import asyncpg
 import pytest
 from conftest import PG_URL
-from mayhem_testing import declare, http_get, oracle, pg_ctl, pg_ready, publish, rows, wait_until
+from mayhem_testing import (
+    applied_at_least,
+    declare,
+    http_get,
+    oracle,
+    pg_ctl,
+    pg_ready,
+    publish,
+    wait_until,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -33,10 +42,6 @@ async def _sessions_of(pid: int) -> list[tuple[int, str]]:
     return [(r["pid"], r["state"]) for r in found]
 
 
-async def _applied(db_url: str) -> int:
-    return (await rows(db_url, "SELECT count(DISTINCT message_id) FROM applied"))[0][0]
-
-
 async def test_postgres_down_mid_stream(amqp, make_config, pg_url, spawn):
     """PostgreSQL stops mid-stream, then comes back.
 
@@ -50,7 +55,7 @@ async def test_postgres_down_mid_stream(amqp, make_config, pg_url, spawn):
     ids = await publish(amqp, config.queue, [b"{}"] * 1500)
     daemon = spawn(_args(config), env={"SAMPLE_HANDLER_DELAY": "0.01"})
     await daemon.start()
-    await wait_until(lambda: _at_least(pg_url, 200), timeout=30)
+    await wait_until(lambda: applied_at_least(pg_url, 200), timeout=30)
     try:
         pg_ctl("stop")
         await daemon.wait_for(lambda e: e["event"].startswith("consumption paused"), 30)
@@ -63,7 +68,7 @@ async def test_postgres_down_mid_stream(amqp, make_config, pg_url, spawn):
         pg_ctl("start")
         await wait_until(lambda: pg_ready(PG_URL), timeout=60)
     await daemon.wait_for(lambda e: e["event"].startswith("database back"), 60)
-    await wait_until(lambda: _at_least(pg_url, 1500), timeout=60)
+    await wait_until(lambda: applied_at_least(pg_url, 1500), timeout=60)
     status, _ = await http_get(daemon.metrics_addr, "/readyz")
     assert status == 200
     assert await daemon.stop() == 0
@@ -72,10 +77,6 @@ async def test_postgres_down_mid_stream(amqp, make_config, pg_url, spawn):
     assert verdict.duplicates == 0
     assert verdict.dead == 0
     assert verdict.applied == 1500
-
-
-async def _at_least(db_url: str, n: int) -> bool:
-    return await _applied(db_url) >= n
 
 
 async def test_connection_killed_mid_transaction(amqp, make_config, pg_url, spawn):
@@ -92,7 +93,7 @@ async def test_connection_killed_mid_transaction(amqp, make_config, pg_url, spaw
         _args(config, "sample_handlers:slow_after_write"), env={"SAMPLE_HANDLER_DELAY": "0.3"}
     )
     await daemon.start()
-    await wait_until(lambda: _at_least(pg_url, 16), timeout=30)
+    await wait_until(lambda: applied_at_least(pg_url, 16), timeout=30)
 
     async def idle_in_transaction() -> bool:
         return any(state == "idle in transaction" for _, state in await _sessions_of(daemon.pid))
@@ -108,7 +109,7 @@ async def test_connection_killed_mid_transaction(amqp, make_config, pg_url, spaw
     finally:
         await admin.close()
     assert killed >= 1
-    await wait_until(lambda: _at_least(pg_url, 100), timeout=60)
+    await wait_until(lambda: applied_at_least(pg_url, 100), timeout=60)
     assert daemon.events("database outage detected")
     assert await daemon.stop() == 0
     verdict = await oracle(amqp, config.queue, pg_url, ids)
@@ -125,7 +126,7 @@ async def test_no_session_left_after_sigterm(amqp, make_config, pg_url, spawn):
     await publish(amqp, config.queue, [b"{}"] * 50)
     daemon = spawn(_args(config, "sample_handlers:record", "--concurrency", "8"))
     await daemon.start()
-    await wait_until(lambda: _at_least(pg_url, 50), timeout=30)
+    await wait_until(lambda: applied_at_least(pg_url, 50), timeout=30)
     assert await _sessions_of(daemon.pid) != []
     pid = daemon.pid
     assert await daemon.stop() == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from mayhem_testing import (
+    applied_at_least,
     close_connections_of,
     declare,
     metric,
@@ -26,10 +27,6 @@ def _args(config, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-async def _applied(db_url: str) -> int:
-    return (await rows(db_url, "SELECT count(DISTINCT message_id) FROM applied"))[0][0]
-
-
 async def test_broker_closes_the_connection_mid_stream(amqp, make_config, db_url, spawn):
     """The broker closes the daemon's connections mid-stream.
 
@@ -42,10 +39,10 @@ async def test_broker_closes_the_connection_mid_stream(amqp, make_config, db_url
     ids = await publish(amqp, config.queue, [b"{}"] * 2000)
     daemon = spawn(_args(config), env={"SAMPLE_HANDLER_DELAY": "0.005"})
     await daemon.start()
-    await wait_until(lambda: _at_least(db_url, 200), timeout=30)
+    await wait_until(lambda: applied_at_least(db_url, 200), timeout=30)
     assert close_connections_of(daemon.pid) >= 1
     await daemon.wait_for(lambda e: e["event"].startswith("consuming again"), timeout=30)
-    await wait_until(lambda: _at_least(db_url, 2000), timeout=60)
+    await wait_until(lambda: applied_at_least(db_url, 2000), timeout=60)
     assert await metric(daemon.metrics_addr, "mayhem_broker_reconnects_total") >= 1
     assert await daemon.stop() == 0
     verdict = await oracle(amqp, config.queue, db_url, ids)
@@ -53,10 +50,6 @@ async def test_broker_closes_the_connection_mid_stream(amqp, make_config, db_url
     assert verdict.duplicates == 0
     assert verdict.applied == 2000
     assert daemon.tracebacks() == []
-
-
-async def _at_least(db_url: str, n: int) -> bool:
-    return await _applied(db_url) >= n
 
 
 async def test_sigkill_then_restart_applies_each_once(amqp, make_config, db_url, spawn):
@@ -71,11 +64,11 @@ async def test_sigkill_then_restart_applies_each_once(amqp, make_config, db_url,
     ids = await publish(amqp, config.queue, [b"{}"] * 2000)
     first = spawn(_args(config, "--concurrency", "32"), env={"SAMPLE_HANDLER_DELAY": "0.002"})
     await first.start()
-    await wait_until(lambda: _at_least(db_url, 300), timeout=30)
+    await wait_until(lambda: applied_at_least(db_url, 300), timeout=30)
     await first.kill()
     second = spawn(_args(config))
     await second.start()
-    await wait_until(lambda: _at_least(db_url, 2000), timeout=60)
+    await wait_until(lambda: applied_at_least(db_url, 2000), timeout=60)
     assert await second.stop() == 0
     verdict = await oracle(amqp, config.queue, db_url, ids)
     assert verdict.lost == frozenset()
@@ -134,7 +127,7 @@ async def test_broker_restart_mid_stream(amqp_url, make_config, spawn):
     await connection.close()
     daemon = spawn(_args(config), env={"SAMPLE_HANDLER_DELAY": "0.01"})
     await daemon.start()
-    await wait_until(lambda: _at_least(config.db_url, 200), timeout=30)
+    await wait_until(lambda: applied_at_least(config.db_url, 200), timeout=30)
     try:
         rabbitmqctl("stop_app")
         await daemon.wait_for(lambda e: e["event"].startswith("broker connection lost"), 30)
@@ -145,7 +138,7 @@ async def test_broker_restart_mid_stream(amqp_url, make_config, spawn):
         rabbitmqctl("start_app")
         rabbitmqctl("await_startup")
     await daemon.wait_for(lambda e: e["event"].startswith("consuming again"), 60)
-    await wait_until(lambda: _at_least(config.db_url, 1500), timeout=60)
+    await wait_until(lambda: applied_at_least(config.db_url, 1500), timeout=60)
     assert await daemon.stop() == 0
     connection = await aio_pika.connect(amqp_url)
     try:

@@ -6,23 +6,15 @@ import signal
 import time
 
 from mayhem_testing import (
-    DaemonProcess,
+    applied_at_least,
     daemon_args,
     declare,
-    http_get,
+    in_flight_at_least,
     oracle,
     publish,
     rows,
     wait_until,
 )
-
-
-async def _in_flight(daemon: DaemonProcess) -> float:
-    _, text = await http_get(daemon.metrics_addr, "/metrics")
-    for line in text.splitlines():
-        if line.startswith("mayhem_messages_in_flight "):
-            return float(line.split()[1])
-    return 0.0
 
 
 async def test_sigterm_under_load_loses_nothing(amqp, make_config, db_url, spawn):
@@ -41,8 +33,8 @@ async def test_sigterm_under_load_loses_nothing(amqp, make_config, db_url, spawn
     )
     await daemon.start()
     try:
-        await wait_until(lambda: _count_at_least(db_url, 300), timeout=30)
-        await wait_until(lambda: _in_flight_at_least(daemon, 16), timeout=10)
+        await wait_until(lambda: applied_at_least(db_url, 300), timeout=30)
+        await wait_until(lambda: in_flight_at_least(daemon, 16), timeout=10)
         assert await daemon.stop() == 0
     finally:
         await daemon.kill()
@@ -55,14 +47,6 @@ async def test_sigterm_under_load_loses_nothing(amqp, make_config, db_url, spawn
     assert len(summary) == 1
     assert len(daemon.events("shutdown step")) == 7
     assert daemon.tracebacks() == []
-
-
-async def _count_at_least(db_url: str, n: int) -> bool:
-    return (await rows(db_url, "SELECT count(*) FROM applied"))[0][0] >= n
-
-
-async def _in_flight_at_least(daemon: DaemonProcess, n: int) -> bool:
-    return await _in_flight(daemon) >= n
 
 
 async def test_second_sigterm_stops_waiting(amqp, make_config, spawn):
@@ -88,7 +72,7 @@ async def test_second_sigterm_stops_waiting(amqp, make_config, spawn):
     )
     await daemon.start()
     try:
-        await wait_until(lambda: _in_flight_at_least(daemon, 1), timeout=10)
+        await wait_until(lambda: in_flight_at_least(daemon, 1), timeout=10)
         daemon.signal(signal.SIGTERM)
         await daemon.wait_for(lambda e: "step 3/7" in e["event"], timeout=10)
         second = time.monotonic()
@@ -118,7 +102,7 @@ async def test_stuck_handler_cancelled_at_drain_deadline(amqp, make_config, db_u
         daemon_args(config, "--handler", "sample_handlers:stuck", "--drain-timeout", "1")
     )
     await daemon.start()
-    await wait_until(lambda: _in_flight_at_least(daemon, 1), timeout=10)
+    await wait_until(lambda: in_flight_at_least(daemon, 1), timeout=10)
     assert await daemon.stop(timeout=20) == 0
     stuck_rows = "SELECT count(*) FROM applied WHERE message_id = 'stuck-started'"
     assert await rows(config.db_url, stuck_rows) == [(0,)]
@@ -169,7 +153,7 @@ async def test_stuck_plain_def_handler_does_not_hang_the_exit(amqp, make_config,
         daemon_args(config, "--handler", "sample_handlers:sync_stuck", "--drain-timeout", "1")
     )
     await daemon.start()
-    await wait_until(lambda: _in_flight_at_least(daemon, 1), timeout=10)
+    await wait_until(lambda: in_flight_at_least(daemon, 1), timeout=10)
     assert await daemon.stop(timeout=30) == 0
     assert daemon.events("exiting with 1 handler threads still running")
     verdict = await oracle(amqp, config.queue, config.db_url, ids)

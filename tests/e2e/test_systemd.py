@@ -22,10 +22,11 @@ import attrs
 import pytest
 from conftest import PG_URL
 from mayhem_testing import (
-    DaemonProcess,
+    applied_at_least,
     close_connections_of,
     daemon_args,
     declare,
+    in_flight_at_least,
     metric,
     pg_ctl,
     pg_ready,
@@ -234,7 +235,7 @@ async def test_status_counts_and_no_pings_for_another_watchdog_pid(
     daemon = spawn(daemon_args(config, "--handler", "sample_handlers:record"), env=env)
     await daemon.start()
     ready = await listener.wait_for("READY", "1")
-    await wait_until(lambda: _applied_at_least(config.db_url, 3), timeout=10)
+    await wait_until(lambda: applied_at_least(config.db_url, 3), timeout=10)
     status = await listener.wait_for("STATUS", after=ready.at + 0.001, timeout=15)
     assert "READY" not in status.fields
     assert status.fields["STATUS"].startswith("ready;")
@@ -260,7 +261,7 @@ async def test_extend_timeout_while_the_drain_progresses(amqp, make_config, list
         env=_env(listener),
     )
     await daemon.start()
-    await wait_until(lambda: _in_flight_at_least(daemon, 3), timeout=10)
+    await wait_until(lambda: in_flight_at_least(daemon, 3), timeout=10)
     daemon.signal(signal.SIGTERM)
     assert await daemon.wait(timeout=30) == 0
     listener.drain()
@@ -322,7 +323,7 @@ async def test_a_blocked_loop_stops_the_pings(amqp, make_config, listener, spawn
     await listener.wait_for("WATCHDOG", "1", after=ready.at, count=3, timeout=10)
     block = 2.0
     await publish(amqp, config.queue, [json.dumps({"block": block}).encode()])
-    await wait_until(lambda: _applied_at_least(config.db_url, 1), timeout=15)
+    await wait_until(lambda: applied_at_least(config.db_url, 1), timeout=15)
     [(began,)] = await rows(config.db_url, "SELECT at FROM applied")
     resumed = await listener.wait_for("WATCHDOG", "1", after=time.monotonic(), count=3)
 
@@ -380,7 +381,7 @@ async def test_pings_go_on_while_paused_for_a_database_outage(
         env=_env(listener, SAMPLE_HANDLER_DELAY="0.01"),
     )
     await daemon.start()
-    await wait_until(lambda: _applied_at_least(pg_url, 50), timeout=30)
+    await wait_until(lambda: applied_at_least(pg_url, 50), timeout=30)
     try:
         await asyncio.to_thread(pg_ctl, "stop")
         await daemon.wait_for(lambda e: e["event"].startswith("consumption paused"), 30)
@@ -406,11 +407,3 @@ async def test_no_ready_when_startup_fails(make_config, listener, spawn):
     listener.drain()
     assert [d for d in listener.received if d.has("READY")] == []
     assert listener.with_key("WATCHDOG") == []
-
-
-async def _applied_at_least(db_url: str, n: int) -> bool:
-    return (await rows(db_url, "SELECT count(*) FROM applied"))[0][0] >= n
-
-
-async def _in_flight_at_least(daemon: DaemonProcess, n: int) -> bool:
-    return await metric(daemon.metrics_addr, "mayhem_messages_in_flight") >= n

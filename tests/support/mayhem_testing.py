@@ -369,3 +369,15 @@ async def pg_ready(url: str) -> bool:
         return False
     await conn.close()
     return True
+
+
+async def applied_at_least(db_url: str, n: int) -> bool:
+    """At least ``n`` distinct ids are in the sample handlers' ``applied`` table."""
+    found = await rows(db_url, "SELECT count(DISTINCT message_id) FROM applied")
+    return found[0][0] >= n
+
+
+async def in_flight_at_least(daemon: DaemonProcess, n: int) -> bool:
+    """At least ``n`` handlers of ``daemon`` are running, by its /metrics."""
+    assert daemon.metrics_addr is not None
+    return await metric(daemon.metrics_addr, "mayhem_messages_in_flight") >= n
