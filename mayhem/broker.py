@@ -1,7 +1,8 @@
-"""The broker: a robust connection, the consuming channel, and the topology.
+"""The broker: the topology, and a robust connection for publishing retries and dead letters.
 
-aio-pika's robust connection does the reconnecting; this module watches it for logs, metrics
-and readiness, and declares the exchange, the work queue and the dead-letter queue.
+aio-pika's robust connection does the reconnecting; this module watches it for logs and
+readiness, and declares the exchange, the work queue, the delay queues and the dead-letter
+queue. Consuming has a connection of its own (:mod:`mayhem.consumer`, :mod:`mayhem.amqp`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection, AbstractRobustQueue
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from mayhem.config import mask_url
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONNECTION_NAME_PREFIX: Final = "mayhem"
+ROLE: Final = "publisher"
 RECONNECT_INTERVAL: Final = 1.0
 
 
@@ -127,7 +129,7 @@ async def declare_topology(channel: aio_pika.abc.AbstractChannel, config: Config
 
 
 class Broker:
-    """The consuming connection and channel, watched for readiness and metrics.
+    """The publishing connection, watched for readiness and metrics.
 
     Args:
         config: the daemon's configuration.
@@ -140,8 +142,6 @@ class Broker:
         self.connection: AbstractRobustConnection | None = None
         self.channel: AbstractRobustChannel | None = None
         self.publish_channel: AbstractRobustChannel | None = None
-        self.queue: AbstractRobustQueue | None = None
-        self._on_reconnect: list[Any] = []
         self._closing = False
         self._up = True
 
@@ -159,28 +159,22 @@ class Broker:
             and not self.channel.is_closed
         )
 
-    def on_reconnect(self, callback: Any) -> None:  # noqa: ANN401 -- aio-pika's callback type
-        """Call ``callback(connection)`` after each successful reconnect."""
-        self._on_reconnect.append(callback)
-
     async def start(self) -> None:
-        """Connect, open the channels, set QoS and declare the topology.
+        """Connect, open the channels, declare the topology and check the work queue exists.
 
         Raises:
             StartupError: the broker cannot be reached or refuses us.
             ConfigError: the topology on the broker contradicts the configuration.
         """
         config = self._config
-        self.connection = conn = await connect(config)
+        self.connection = conn = await connect(config, role=ROLE)
         try:
             self.channel = await conn.channel(publisher_confirms=False)
-            await self.channel.set_qos(prefetch_count=config.effective_prefetch)
-            # Dead letters and retries are published on their own channel with confirms,
-            # so a confirm never waits behind deliveries.
+            # Dead letters and retries are published on their own channel with confirms.
             self.publish_channel = await conn.channel(publisher_confirms=True)
             if config.declare:
                 await declare_topology(self.channel, config)
-            self.queue = await self.channel.declare_queue(config.queue, passive=True)
+            await self.channel.declare_queue(config.queue, passive=True)
         except aiormq.exceptions.ChannelNotFoundEntity:
             msg = f"queue {config.queue!r} does not exist on the broker and declare is off"
             raise ConfigError(msg) from None
@@ -195,14 +189,11 @@ class Broker:
         if self._closing or not self._up:
             return  # closing on purpose, or a reconnect attempt failed: aio-pika logs those
         self._up = False
-        log.warning("broker connection lost: %s", _describe(exc) if exc else "closed")
+        log.warning("broker connection lost (publishing): %s", _describe(exc) if exc else "closed")
 
-    def _restored(self, connection: Any) -> None:  # noqa: ANN401
+    def _restored(self, _: Any) -> None:  # noqa: ANN401
         self._up = True
-        self._metrics.broker_reconnects.inc()
-        log.info("broker connection re-established")
-        for callback in self._on_reconnect:
-            callback(connection)
+        log.info("broker connection re-established (publishing)")
 
     async def depth(self) -> int | None:
         """Messages ready in the work queue (a passive declare), or ``None`` if unknown."""

@@ -1,207 +1,184 @@
-"""The consumer: AMQP deliveries into a bounded buffer, and settling them (ack, requeue).
+"""The consumer: deliveries from the work queue into a bounded buffer, over its own connection.
 
-Stopping (at shutdown, or while the database is down) is ``cancel()`` — ``basic.cancel`` — first
-and then ``requeue_buffered()``, because the broker does not take back what it already sent.
+The consuming connection is a :class:`~mayhem.amqp.Link`; when it is lost, the deliveries
+still buffered are dropped (the broker requeues them) and :meth:`Consumer.keep_connected`
+opens a new one, subscribing again if the consumer is meant to be consuming.
+
+Stopping (at shutdown, or while the database is down) is ``cancel()`` — ``basic.cancel`` —
+first and then ``requeue_buffered()``, because the broker does not take back what it already
+sent.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
-from collections import deque
 from typing import TYPE_CHECKING, Final
 
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError
+from mayhem.amqp import Endpoint, Link, open_link
+from mayhem.broker import connection_name
+from mayhem.config import mask_url
+from mayhem.exceptions import BrokerRefused, LinkLost, StartupError
 
 if TYPE_CHECKING:
-    from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, ConsumerTag
-    from aiormq.abc import AbstractChannel
-
+    from mayhem.amqp import Delivery
+    from mayhem.config import Config
     from mayhem.metrics import Metrics
+    from mayhem.settler import Settler
 
 log = logging.getLogger(__name__)
 
 CANCEL_TIMEOUT: Final = 5.0
-
-
-def is_stale(delivery: AbstractIncomingMessage) -> bool:
-    """The delivery's channel is gone: its tag means nothing now, the broker redelivers it."""
-    try:
-        return bool(delivery.channel.is_closed)
-    except ChannelInvalidStateError:  # aio-pika's way of saying the channel is closed
-        return True
-
-
-class _ChannelAcks:
-    """One channel's delivered tags, so that acks in tag order go out as one frame."""
-
-    def __init__(self, channel: AbstractChannel) -> None:
-        self.channel = channel
-        self.unsettled: deque[int] = deque()  # delivered, in tag order; settled ones pop lazily
-        self.settled: set[int] = set()  # settled already, still somewhere in `unsettled`
-        self.ackable: set[int] = set()  # acknowledged by a worker, frame not yet sent
-        self.lowest = 0  # the lowest tag not yet covered, once the first tag is seen
-        self.flushing = False
-
-
-class Settler:
-    """Acks and requeues deliveries, counting each, and drops the stale ones.
-
-    Acks are batched without delaying any: a worker's ack joins the acks of every worker
-    that finishes in the same loop iteration, and the longest run of settled tags from the
-    lowest outstanding one goes out as a single ``basic.ack`` with ``multiple=True``. A tag is
-    only ever covered after its own worker acknowledged it, that is after its commit.
-
-    A delivery tag belongs to its channel: after a reconnect, settling an old tag fails; the
-    broker has already requeued that message, so it is counted as stale and dropped.
-    """
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-        self._channels: dict[int, _ChannelAcks] = {}
-
-    def _acks(self, channel: AbstractChannel) -> _ChannelAcks:
-        acks = self._channels.get(id(channel))
-        if acks is None or acks.channel is not channel:
-            for key, old in list(self._channels.items()):
-                if old.channel.is_closed:
-                    del self._channels[key]
-            acks = self._channels[id(channel)] = _ChannelAcks(channel)
-        return acks
-
-    def delivered(self, delivery: AbstractIncomingMessage) -> None:
-        """Note a delivery's tag as outstanding (the consumer calls this as it buffers)."""
-        tag = delivery.delivery_tag
-        if tag is None or is_stale(delivery):
-            return
-        acks = self._acks(delivery.channel)
-        unsettled = acks.unsettled
-        if not acks.lowest:
-            acks.lowest = tag
-        if unsettled and tag < unsettled[-1]:
-            bisect.insort(unsettled, tag)
-        else:
-            unsettled.append(tag)
-
-    async def ack(self, delivery: AbstractIncomingMessage) -> bool:
-        """Acknowledge; ``False`` if the delivery was stale."""
-        tag = delivery.delivery_tag
-        if tag is None or is_stale(delivery):
-            self._metrics.stale_deliveries.inc()
-            return False
-        acks = self._acks(delivery.channel)
-        acks.ackable.add(tag)
-        if not acks.flushing:
-            acks.flushing = True
-            # Shielded: a worker cancelled mid-flush must not strand the others' acks.
-            await asyncio.shield(self._flush(acks))
-        return True
-
-    async def _flush(self, acks: _ChannelAcks) -> None:
-        try:
-            # One turn of the loop: the workers finishing with this one add their tags.
-            await asyncio.sleep(0)
-            while acks.ackable:
-                highest = None
-                unsettled, settled, ackable = acks.unsettled, acks.settled, acks.ackable
-                # Only a gap-free run of tags: a multiple ack must never cover a delivery that
-                # this tracker has not seen (tags on a channel are consecutive).
-                while (
-                    unsettled
-                    and unsettled[0] == acks.lowest
-                    and (unsettled[0] in ackable or unsettled[0] in settled)
-                ):
-                    tag = unsettled.popleft()
-                    acks.lowest = tag + 1
-                    if tag in ackable:
-                        ackable.discard(tag)
-                        highest = tag
-                    else:
-                        settled.discard(tag)
-                singles = sorted(ackable)
-                ackable.clear()
-                settled.update(singles)
-                if highest is not None:
-                    await acks.channel.basic_ack(highest, multiple=True)
-                for tag in singles:
-                    await acks.channel.basic_ack(tag)
-        except Exception as exc:  # whatever it is, the broker will redeliver
-            log.info("ack failed (%s): the broker will redeliver", exc)
-            self._metrics.stale_deliveries.inc()
-        finally:
-            acks.flushing = False
-
-    async def requeue(self, delivery: AbstractIncomingMessage) -> bool:
-        """Negative-acknowledge with requeue; ``False`` if the delivery was stale."""
-        tag = delivery.delivery_tag
-        if tag is None or is_stale(delivery):
-            self._metrics.stale_deliveries.inc()
-            return False
-        try:
-            await delivery.channel.basic_nack(tag, requeue=True)
-        except Exception as exc:  # whatever it is, the broker will redeliver
-            log.info("requeue failed (%s): the broker will redeliver", exc)
-            self._metrics.stale_deliveries.inc()
-            return False
-        self._acks(delivery.channel).settled.add(tag)
-        self._metrics.requeued.inc()
-        return True
+RECONNECT_INTERVAL: Final = 1.0
+RECONNECT_MAX: Final = 5.0
 
 
 class Consumer:
-    """Subscribes to the work queue and feeds a bounded buffer.
+    """Subscribes to the work queue and feeds a bounded buffer; reconnects by itself.
 
     Args:
-        queue: the work queue (a robust queue: the subscription survives reconnects).
+        config: the broker URL, the queue and the prefetch window.
         buffer: where deliveries wait for a worker; bounded by the prefetch window.
-        settler: settles what ``requeue_buffered()`` and late deliveries hand back.
+        settler: notes every delivery, and settles what goes straight back.
+        metrics: where reconnects and stale deliveries are counted.
     """
 
     def __init__(
         self,
-        queue: AbstractQueue,
-        buffer: asyncio.Queue[AbstractIncomingMessage | None],
+        config: Config,
+        buffer: asyncio.Queue[Delivery | None],
         settler: Settler,
+        metrics: Metrics,
     ) -> None:
-        self._queue = queue
+        self._config = config
+        self._endpoint = Endpoint.from_url(config.amqp_url)
         self._buffer = buffer
         self._settler = settler
-        self._tag: ConsumerTag | None = None
+        self._metrics = metrics
+        self._link: Link | None = None
+        self._lost = asyncio.Event()
+        self._wanted = False
+        self._closing = False
         self.delivered = 0
 
     @property
+    def connected(self) -> bool:
+        """The consuming connection is open."""
+        return self._link is not None and not self._link.closed
+
+    @property
     def active(self) -> bool:
-        """Subscribed to the queue."""
-        return self._tag is not None
+        """Subscribed to the queue on an open connection."""
+        link = self._link
+        return self._wanted and link is not None and not link.closed and bool(link.consumer_tag)
+
+    async def open(self) -> None:
+        """Open the consuming connection.
+
+        Raises:
+            StartupError: the broker refused us or could not be reached.
+        """
+        url = mask_url(self._config.amqp_url)
+        try:
+            self._link = await self._connect()
+        except BrokerRefused as exc:
+            msg = f"broker {url} refused the credentials or the vhost ({exc})"
+            raise StartupError(msg) from None
+        except LinkLost as exc:
+            msg = f"cannot connect to broker {url}: {exc}"
+            raise StartupError(msg) from None
+
+    async def _connect(self) -> Link:
+        config = self._config
+        return await open_link(
+            self._endpoint,
+            client_properties={"connection_name": connection_name(config.queue)},
+            prefetch=config.effective_prefetch,
+            on_delivery=self._on_delivery,
+            on_lost=self._on_lost,
+        )
 
     async def start(self) -> None:
-        """Subscribe (``basic.consume``)."""
-        if self._tag is None:
-            self._tag = await self._queue.consume(self._on_delivery)
+        """Subscribe (``basic.consume``); while disconnected, subscribe on reconnect.
 
-    async def _on_delivery(self, delivery: AbstractIncomingMessage) -> None:
-        # Noted first, even if it goes straight back: a gap in the tags would stop the acks
-        # from ever being batched on this channel again.
-        self._settler.delivered(delivery)
-        if self._tag is None:
-            # Sent before our basic.cancel reached the broker: hand it straight back.
-            await self._settler.requeue(delivery)
-            return
-        self.delivered += 1
-        # Never blocks: the broker sends at most prefetch unacked deliveries, and the buffer
-        # holds that many.
-        await self._buffer.put(delivery)
+        Raises:
+            LinkLost: the broker refused the subscription or the connection failed.
+        """
+        self._wanted = True
+        link = self._link
+        if link is not None and not link.closed and link.consumer_tag is None:
+            await link.consume(self._config.queue)
 
     async def cancel(self) -> None:
-        """Unsubscribe (``basic.cancel``); on a closed channel log it and carry on."""
-        tag, self._tag = self._tag, None
-        if tag is None:
+        """Unsubscribe (``basic.cancel``); on a closed connection log it and carry on."""
+        self._wanted = False
+        link = self._link
+        if link is None or link.closed or link.consumer_tag is None:
             return
         try:
-            await self._queue.cancel(tag, timeout=CANCEL_TIMEOUT)
-        except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
-            log.info("basic.cancel failed (%s): the channel is gone, so is the consumer", exc)
+            async with asyncio.timeout(CANCEL_TIMEOUT):
+                await link.cancel()
+        except (LinkLost, TimeoutError) as exc:
+            log.info("basic.cancel failed (%s): the connection is gone, so is the consumer", exc)
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        # Noted first, even if it goes straight back: a multiple ack must know every tag.
+        self._settler.delivered(delivery)
+        if not self._wanted or delivery.link is not self._link:
+            # Sent before our basic.cancel reached the broker: hand it straight back.
+            self._settler.requeue(delivery)
+            return
+        self.delivered += 1
+        try:
+            # Never full: the broker sends at most prefetch unacked deliveries.
+            self._buffer.put_nowait(delivery)
+        except asyncio.QueueFull:
+            self._settler.requeue(delivery)
+
+    def _on_lost(self, link: Link, exc: BaseException | None) -> None:
+        if link is not self._link or self._closing:
+            return
+        dropped = self.drop_stale()
+        if dropped:
+            self._metrics.stale_deliveries.inc(dropped)
+        log.warning(
+            "broker connection lost (consuming): %s ◆ %d buffered deliveries dropped (the "
+            "broker requeues them)",
+            exc or "closed",
+            dropped,
+        )
+        self._lost.set()
+
+    async def keep_connected(self) -> None:
+        """Reopen the connection whenever it is lost, and subscribe again; runs until cancelled."""
+        while True:
+            await self._lost.wait()
+            delay = RECONNECT_INTERVAL
+            while not self._closing:
+                await asyncio.sleep(delay)
+                try:
+                    link = await self._connect()
+                    if self._wanted:
+                        await link.consume(self._config.queue)
+                except LinkLost as exc:
+                    log.warning(
+                        "reconnecting to broker %s failed (%s); next try in %.0f s",
+                        mask_url(self._config.amqp_url),
+                        exc,
+                        delay,
+                    )
+                    delay = min(delay * 2, RECONNECT_MAX)
+                    continue
+                self._link = link
+                self._lost.clear()
+                if link.closed:  # lost again at once; the next round reconnects
+                    self._lost.set()
+                    break
+                self._metrics.broker_reconnects.inc()
+                log.info("consuming again: broker connection re-established")
+                break
+            if self._closing:
+                return
 
     async def requeue_buffered(self) -> int:
         """Requeue every delivery waiting in the buffer; return how many went back."""
@@ -211,23 +188,32 @@ class Consumer:
                 delivery = self._buffer.get_nowait()
             except asyncio.QueueEmpty:
                 return requeued
-            if delivery is not None and await self._settler.requeue(delivery):
+            if delivery is not None and self._settler.requeue(delivery):
                 requeued += 1
 
     def drop_stale(self) -> int:
-        """Remove deliveries of a closed channel from the buffer (after a reconnect).
+        """Remove deliveries of a closed connection from the buffer.
 
-        The broker requeued them when the channel closed; running their handlers now would
+        The broker requeued them when the connection closed; running their handlers now would
         only find them again later as duplicates.
         """
-        keep: list[AbstractIncomingMessage | None] = []
+        keep: list[Delivery | None] = []
         dropped = 0
         while not self._buffer.empty():
             delivery = self._buffer.get_nowait()
-            if delivery is not None and is_stale(delivery):
+            if delivery is not None and delivery.link.closed:
                 dropped += 1
             else:
                 keep.append(delivery)
         for delivery in keep:
             self._buffer.put_nowait(delivery)
         return dropped
+
+    async def close(self) -> None:
+        """Send the last acks and close the connection; the broker requeues anything unacked."""
+        self._closing = True
+        link, self._link = self._link, None
+        if link is None:
+            return
+        self._settler.flush()
+        await link.close()

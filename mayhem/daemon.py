@@ -19,12 +19,13 @@ import attrs
 from mayhem import logs
 from mayhem.broker import Broker
 from mayhem.config import Config, mask_url
-from mayhem.consumer import Consumer, Settler
+from mayhem.consumer import Consumer
 from mayhem.exceptions import ConfigError, MayhemError, StoreUnavailable
 from mayhem.handlers import DemoHandler, handler_setup, load_handler
 from mayhem.metrics import HealthServer, Metrics
 from mayhem.publisher import PublishReport, demo_stream, publish_bodies
 from mayhem.retry import Failures
+from mayhem.settler import Settler
 from mayhem.signals import Signals
 from mayhem.store import Store, open_store
 from mayhem.systemd import Notifier
@@ -33,7 +34,7 @@ from mayhem.worker import Workers
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Mapping
 
-    from aio_pika.abc import AbstractIncomingMessage
+    from mayhem.amqp import Delivery
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,7 +83,7 @@ class Daemon:
         self.consumer: Consumer | None = None
         self.workers: Workers | None = None
         # Room for the prefetch window plus one exit sentinel per worker.
-        self.buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue(
+        self.buffer: asyncio.Queue[Delivery | None] = asyncio.Queue(
             maxsize=config.effective_prefetch + config.concurrency
         )
         self._tg: asyncio.TaskGroup | None = None
@@ -150,14 +151,15 @@ class Daemon:
         setup = handler_setup(handler)
         if setup is not None:
             await store.run_setup(setup)
-        # The broker: connection, QoS, topology.
+        # The broker: topology, and the connection that publishes retries and dead letters.
         self.broker = broker = Broker(config, self.metrics)
         await broker.start()
-        if broker.queue is None or broker.publish_channel is None:
+        if broker.publish_channel is None:
             raise AssertionError
-        broker.on_reconnect(self._on_reconnect)
-        # Workers, then the consumer that feeds them.
+        # The consuming connection, then workers, then the subscription that feeds them.
         settler = Settler(self.metrics)
+        self.consumer = Consumer(config, self.buffer, settler, self.metrics)
+        await self.consumer.open()
         failures = Failures(config, broker.publish_channel, settler, self.metrics)
         self.workers = Workers(
             config=config,
@@ -170,11 +172,11 @@ class Daemon:
             on_store_outage=self._store_outage,
         )
         self._resize_workers(config.concurrency)
-        self.consumer = Consumer(broker.queue, self.buffer, settler)
         self.metrics.buffered.set_function(self._buffered)
         self.metrics.consumer_active.set_function(lambda: int(self._consuming()))
         await self.consumer.start()
-        # Periodic tasks.
+        # Reconnecting, and the periodic tasks.
+        self._spawn(self.consumer.keep_connected())
         self._spawn(self._watch_store())
         self._spawn(self._reload_on_sighup())
         self._spawn(self._poll_depth())
@@ -243,7 +245,9 @@ class Daemon:
                     {"instance": socket.gethostname(), "queue": self.config.queue},
                 )
             )
-        async with self._step(7, "connection closed; loop stopping"):
+        async with self._step(7, "connections closed; loop stopping"):
+            if self.consumer is not None:
+                await self._bounded(self.consumer.close())
             if self.broker is not None:
                 await self._bounded(self.broker.close())
             await self._cancel_background()
@@ -350,6 +354,8 @@ class Daemon:
         await self._cancel_background()
         if self.store is not None:
             await self.store.close(FORCED_STEP_TIMEOUT)
+        if self.consumer is not None:
+            await self._bounded(self.consumer.close())
         if self.broker is not None:
             await self._bounded(self.broker.close())
         if self.health is not None:
@@ -383,9 +389,7 @@ class Daemon:
         return sum(item is not None for item in self.buffer._queue)  # type: ignore[attr-defined]  # noqa: SLF001
 
     def _consuming(self) -> bool:
-        return bool(
-            self.consumer and self.consumer.active and self.broker and self.broker.connected
-        )
+        return bool(self.consumer and self.consumer.active)
 
     def not_ready(self) -> list[str]:
         """Why the daemon is not ready; empty when it is (``/readyz``)."""
@@ -395,7 +399,12 @@ class Daemon:
         elif not self._started:
             reasons.append("starting")
         else:
-            if self.broker is None or not self.broker.connected:
+            if (
+                self.broker is None
+                or not self.broker.connected
+                or self.consumer is None
+                or not self.consumer.connected
+            ):
                 reasons.append("broker disconnected")
             if self.consumer is None or not self.consumer.active:
                 reasons.append("consumer not active")
@@ -412,12 +421,6 @@ class Daemon:
 
     def _count(self, outcome: str) -> int:
         return int(self.metrics.value("mayhem_messages_total", {"outcome": outcome}))
-
-    def _on_reconnect(self, _: object) -> None:
-        dropped = self.consumer.drop_stale() if self.consumer else 0
-        if dropped:
-            self.metrics.stale_deliveries.inc(dropped)
-        log.info("consuming again after reconnect ◆ %d stale deliveries dropped", dropped)
 
     def _store_outage(self, why: str) -> None:
         if not self._store_down.is_set():

@@ -73,3 +73,11 @@ class TransactionAborted(MayhemError):  # noqa: N818 -- a state, as the message 
     PostgreSQL fails a whole transaction at its first error; the message follows the retry
     policy.
     """
+
+
+class LinkLost(MayhemError):  # noqa: N818 -- a state, as the message says
+    """The consuming connection to the broker is gone (or never came up); it is reopened."""
+
+
+class BrokerRefused(LinkLost):
+    """The broker refused the credentials or the virtual host."""

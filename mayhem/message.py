@@ -15,8 +15,7 @@ from mayhem.exceptions import DecodeError, Reject
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from aio_pika.abc import AbstractIncomingMessage
-
+    from mayhem.amqp import Delivery
     from mayhem.store import BlockingTransaction, Transaction
 
 ATTEMPT_HEADER: Final = "x-mayhem-attempt"
@@ -104,9 +103,7 @@ class SyncContext:
     log: logging.LoggerAdapter[logging.Logger]
 
 
-def build_message(
-    delivery: AbstractIncomingMessage, max_bytes: int, *, hash_missing_id: bool = False
-) -> Message:
+def build_message(delivery: Delivery, max_bytes: int, *, hash_missing_id: bool = False) -> Message:
     """Turn an AMQP delivery into a :class:`Message`.
 
     Args:
@@ -141,7 +138,7 @@ def build_message(
     )
 
 
-def attempt_of(delivery: AbstractIncomingMessage) -> int:
+def attempt_of(delivery: Delivery) -> int:
     """The delivery's attempt number: 1 unless mayhem's retry header says otherwise."""
     attempt = (delivery.headers or {}).get(ATTEMPT_HEADER, 1)
     return attempt if type(attempt) is int and attempt > 0 else 1

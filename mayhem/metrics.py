@@ -82,7 +82,7 @@ class Metrics:
         )
         self.broker_reconnects = Counter(
             "mayhem_broker_reconnects",
-            "Times the broker connection was re-established.",
+            "Times the consuming connection to the broker was re-established.",
             registry=registry,
         )
         self.stale_deliveries = Counter(

@@ -26,9 +26,10 @@ from mayhem.message import ATTEMPT_HEADER
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+    from mayhem.amqp import Delivery
     from mayhem.config import Config
-    from mayhem.consumer import Settler
     from mayhem.metrics import Metrics
+    from mayhem.settler import Settler
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +122,7 @@ class Failures:
             return next((tier for tier in self._tiers if tier >= requested), self._tiers[-1])
         return self._delays[min(attempt - 1, len(self._delays) - 1)]
 
-    async def failed(
-        self, delivery: AbstractIncomingMessage, exc: BaseException, attempt: int
-    ) -> None:
+    async def failed(self, delivery: Delivery, exc: BaseException, attempt: int) -> None:
         """A handler failed (or raised Retry): retry later, or dead-letter after max_attempts."""
         if attempt >= self._config.max_attempts:
             await self.dead_letter(delivery, exc, attempt, reason="failed")
@@ -143,15 +142,15 @@ class Failures:
         )
         copy = copy_message(delivery, headers, expiration=wait if wait > 0 else None)
         if not await self._publish(copy, retry_queue(self._config.queue, tier)):
-            await self._settler.requeue(delivery)
+            self._settler.requeue(delivery)
             return
         log.info("attempt %d failed (%s): retry in %.2f s", attempt, describe(exc)[:200], wait)
-        if await self._settler.ack(delivery):
+        if self._settler.ack(delivery):
             self._metrics.retried.inc()
 
     async def dead_letter(
         self,
-        delivery: AbstractIncomingMessage,
+        delivery: Delivery,
         exc: BaseException,
         attempt: int,
         *,
@@ -172,7 +171,7 @@ class Failures:
             }
         )
         if not await self._publish(copy_message(delivery, headers), self._config.dead_queue):
-            await self._settler.requeue(delivery)
+            self._settler.requeue(delivery)
             return
         # The error text, never the payload: only its size.
         log.info(
@@ -182,7 +181,7 @@ class Failures:
             describe(exc)[:200],
             len(delivery.body),
         )
-        if await self._settler.ack(delivery):
+        if self._settler.ack(delivery):
             metrics = self._metrics
             (metrics.rejected if reason == "rejected" else metrics.dead_lettered).inc()
 
@@ -197,7 +196,7 @@ class Failures:
         return True
 
 
-def _headers(delivery: AbstractIncomingMessage) -> dict[str, Any]:
+def _headers(delivery: Delivery) -> dict[str, Any]:
     # The broker's own trail from the delay queue goes: our headers say it better.
     return {
         key: value
@@ -207,7 +206,9 @@ def _headers(delivery: AbstractIncomingMessage) -> dict[str, Any]:
 
 
 def copy_message(
-    delivery: AbstractIncomingMessage, headers: dict[str, Any], expiration: float | None = None
+    delivery: Delivery | AbstractIncomingMessage,
+    headers: dict[str, Any],
+    expiration: float | None = None,
 ) -> aio_pika.Message:
     """The same message (body, id, properties) with new headers, persistent."""
     return aio_pika.Message(

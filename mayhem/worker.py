@@ -21,7 +21,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from mayhem.consumer import is_stale
 from mayhem.exceptions import HandlerTimeout, Reject, StoreUnavailable
 from mayhem.logs import MESSAGE_ID
 from mayhem.message import Context, Message, SyncContext, attempt_of, build_message
@@ -31,12 +30,11 @@ from mayhem.store import BlockingTransaction
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from aio_pika.abc import AbstractIncomingMessage
-
+    from mayhem.amqp import Delivery
     from mayhem.config import Config
-    from mayhem.consumer import Settler
     from mayhem.metrics import Metrics
     from mayhem.retry import Failures
+    from mayhem.settler import Settler
     from mayhem.store import Store, Transaction
 
 log = logging.getLogger(__name__)
@@ -71,7 +69,7 @@ class Workers:
         self,
         *,
         config: Config,
-        buffer: asyncio.Queue[AbstractIncomingMessage | None],
+        buffer: asyncio.Queue[Delivery | None],
         store: Store,
         handler: Callable[..., Any],
         settler: Settler,
@@ -110,10 +108,10 @@ class Workers:
             except Exception:
                 # A bug in mayhem, not in the handler: keep the worker, keep the message.
                 log.exception("unexpected error while processing a message; requeueing it")
-                await _shielded(self._settler.requeue(delivery))
+                self._settler.requeue(delivery)
 
-    async def _process(self, delivery: AbstractIncomingMessage) -> None:
-        if is_stale(delivery):
+    async def _process(self, delivery: Delivery) -> None:
+        if delivery.link.closed:
             self._metrics.stale_deliveries.inc()
             return
         token = MESSAGE_ID.set(delivery.message_id)
@@ -125,7 +123,7 @@ class Workers:
             except asyncio.CancelledError:
                 # Shutdown's drain deadline passed: the transaction has rolled back.
                 self.cancelled += 1
-                await _shielded(self._settler.requeue(delivery))
+                self._settler.requeue(delivery)
                 raise
             finally:
                 self.in_flight -= 1
@@ -136,9 +134,7 @@ class Workers:
         finally:
             MESSAGE_ID.reset(token)
 
-    async def _apply(
-        self, delivery: AbstractIncomingMessage
-    ) -> tuple[Outcome, BaseException | None]:
+    async def _apply(self, delivery: Delivery) -> tuple[Outcome, BaseException | None]:
         """Run the handler and commit its effects with the inbox row; say what happened."""
         config = self._config
         try:
@@ -171,21 +167,21 @@ class Workers:
         return (Outcome.APPLIED if applied else Outcome.DUPLICATE), None
 
     async def _settle(
-        self, delivery: AbstractIncomingMessage, outcome: Outcome, error: BaseException | None
+        self, delivery: Delivery, outcome: Outcome, error: BaseException | None
     ) -> None:
         metrics = self._metrics
         if outcome is Outcome.APPLIED:
-            if await self._settler.ack(delivery):
+            if self._settler.ack(delivery):
                 self.acked += 1
                 metrics.acked.inc()
         elif outcome is Outcome.DUPLICATE:
-            if await self._settler.ack(delivery):
+            if self._settler.ack(delivery):
                 metrics.duplicate.inc()
         elif outcome is Outcome.STORE_DOWN:
             # Not the message's fault: back to the queue, not an attempt, not a dead letter.
             why = describe(error) if error else "unknown"
             log.warning("database unavailable (%s): requeueing", why)
-            await self._settler.requeue(delivery)
+            self._settler.requeue(delivery)
             self._on_store_outage(why)
         elif outcome is Outcome.REJECTED:
             await self._failures.dead_letter(
@@ -216,8 +212,3 @@ class Workers:
         """Let go of the handler threads without waiting for them (a stuck one never ends)."""
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-async def _shielded(settle: Any) -> None:  # noqa: ANN401 -- any awaitable
-    # Settling must finish even when the worker is being cancelled.
-    await asyncio.shield(settle)
