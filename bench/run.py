@@ -430,7 +430,7 @@ async def throughput(args: argparse.Namespace) -> dict[str, Tally]:
     if args.faststream_python is None:
         tallies[FASTSTREAM].failures.append(f"not measured: {args.faststream_missing}")
     for round_ in range(1, args.rounds + 1):
-        for name in CONTENDERS:
+        for name in args.contenders:
             if name == FASTSTREAM and args.faststream_python is None:
                 continue
             say(f"round {round_}/{args.rounds}: {name}, {args.messages} messages")
@@ -950,6 +950,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="smoke test: 5,000 messages, 1 round, small backlogs"
     )
+    parser.add_argument(
+        "--contenders",
+        default="all",
+        help="comma-separated subset for a quick look: raw, noop, demo-sqlite, demo-pg, faststream",
+    )
     parser.add_argument("--prefetch", type=int, default=64, help="every contender's prefetch")
     parser.add_argument("--concurrency", type=int, default=32, help="mayhem's concurrency")
     parser.add_argument("--queue-type", choices=("quorum", "classic"), default="quorum")
@@ -981,6 +986,14 @@ def parse_args() -> argparse.Namespace:
     args.scaling = [int(c) for c in args.scaling.split(",")]
     args.scaling_messages = max(1000, round(args.messages * 0.4))
     args.only = set(args.only.split(","))
+    short = dict(
+        zip(("raw", "noop", "demo-sqlite", "demo-pg", "faststream"), CONTENDERS, strict=True)
+    )
+    args.contenders = (
+        CONTENDERS
+        if args.contenders == "all"
+        else tuple(short[name] for name in args.contenders.split(","))
+    )
     args.notes = []
     return args
 

@@ -232,8 +232,10 @@ class Store(abc.ABC):
 
         return await self._in_transaction(work_then_claim)
 
-    async def _in_transaction(self, body: Callable[[Transaction], Awaitable[None]]) -> bool:
-        tx = self.transaction()
+    async def _in_transaction(
+        self, body: Callable[[Transaction], Awaitable[None]], tx: Transaction | None = None
+    ) -> bool:
+        tx = tx or self.transaction()
         try:
             async with tx:
                 await body(tx)
@@ -349,20 +351,48 @@ class SQLiteStore(Store):
         self._reader: aiosqlite.Connection | None = None
         # Held by one message from its first statement to the end of its savepoint.
         self._write_lock = asyncio.Lock()
-        self._lock_queue = 0
+        self._committer: asyncio.Task[None] | None = None
         self._batch_open = False
         self._batch: list[asyncio.Future[None]] = []
+        # Inbox claims of messages whose handler wrote nothing: inserted by the group commit.
+        self._claims: list[tuple[str, str, float, asyncio.Future[bool]]] = []
+        # Inbox look-ups of one turn of the loop, answered together by one query.
+        self._lookups: list[tuple[str, str, asyncio.Future[bool]]] = []
+        self._lookup_tasks: set[asyncio.Task[None]] = set()
 
-    async def _lock(self) -> None:
-        self._lock_queue += 1
-        try:
-            await self._write_lock.acquire()
-        finally:
-            self._lock_queue -= 1
+    async def apply(
+        self, queue: str, message_id: str, work: Callable[[Transaction], Awaitable[None]]
+    ) -> bool:
+        """Run ``work(tx)`` and record ``message_id`` in the inbox, in one transaction.
+
+        The inbox is checked first (on committed rows). A handler that wrote claims the id in
+        its savepoint; one that wrote nothing has its id claimed by the group commit, with
+        the ids of every other such message that finishes meanwhile, in one statement.
+
+        Returns:
+            ``False`` when the inbox already has the id: ``work`` did not run, or a concurrent
+            delivery of the same id committed first and ``work``'s effects were rolled back.
+
+        Raises:
+            StoreUnavailable: the database cannot be reached.
+        """
+        if await self.seen(queue, message_id):
+            return False
+        tx = _SQLiteTransaction(self)
+
+        async def work_then_claim(tx: Transaction) -> None:
+            await work(tx)
+            if not isinstance(tx, _SQLiteTransaction) or tx.wrote:
+                if not await tx.claim(queue, message_id):
+                    raise _AlreadyAppliedError
+            else:
+                tx.deferred_claim = (queue, message_id)
+
+        return await self._in_transaction(work_then_claim, tx)
 
     async def _enter(self) -> aiosqlite.Connection:
         """Take the writer for one message: join (or begin) the shared transaction."""
-        await self._lock()
+        await self._write_lock.acquire()
         db = self._writer
         if db is None:
             self._write_lock.release()
@@ -420,40 +450,80 @@ class SQLiteStore(Store):
                 raise StoreUnavailable(f"savepoint failed: {exc}") from exc
         finally:
             self._write_lock.release()
-        if self._lock_queue == 0:
-            await self._commit()
+        self._kick()
         return waiter
 
-    async def _commit(self) -> None:
-        await self._lock()
+    def _kick(self) -> None:
+        """Make sure a committer runs: it commits as soon as it gets the writer."""
+        if self._committer is None:
+            self._committer = asyncio.ensure_future(self._commit_while_pending())
+
+    async def _commit_while_pending(self) -> None:
+        """Commit the shared transaction and the pending claims until none is left.
+
+        Group commit: the committer waits for the writer behind the messages already waiting
+        for it, so they join the transaction first; what finishes during a commit goes with
+        the next one. It is a task of its own, so no cancelled worker can strand the others.
+        """
         try:
-            if not self._batch_open or self._writer is None:
-                return
-            if not self._writer.in_transaction:
-                # SQLite rolled the whole transaction back by itself (an I/O error, say).
-                await self._fail_batch(self._writer, StoreUnavailable("transaction was lost"))
-                return
-            batch, self._batch = self._batch, []
-            try:
-                await self._writer.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._batch = batch
-                await self._fail_batch(self._writer, StoreUnavailable(f"commit failed: {exc}"))
-                return
-            self._batch_open = False
-            for waiter in batch:
-                if not waiter.done():
-                    waiter.set_result(None)
+            while self._batch_open or self._claims:
+                await self._write_lock.acquire()
+                try:
+                    await self._commit_locked()
+                finally:
+                    self._write_lock.release()
         finally:
-            self._write_lock.release()
+            self._committer = None
+
+    async def _commit_locked(self) -> None:
+        db = self._writer
+        if db is None:
+            await self._fail_batch(db, StoreUnavailable("SQLite store is closed"))
+            return
+        if self._batch_open and not db.in_transaction:
+            # SQLite rolled the whole transaction back by itself (an I/O error, say).
+            await self._fail_batch(db, StoreUnavailable("transaction was lost"))
+            return
+        batch, claims = self._batch, self._claims
+        self._batch, self._claims = [], []
+        try:
+            if not self._batch_open:
+                await db.execute("BEGIN IMMEDIATE")
+                self._batch_open = True
+            claimed = await _insert_claims(db, claims) if claims else []
+            await db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._batch, self._claims = batch + self._batch, claims + self._claims
+            await self._fail_batch(db, StoreUnavailable(f"commit failed: {exc}"))
+            return
+        self._batch_open = False
+        for waiter in batch:
+            if not waiter.done():
+                waiter.set_result(None)
+        for (_, _, _, claim_waiter), fresh in zip(claims, claimed, strict=True):
+            if not claim_waiter.done():
+                claim_waiter.set_result(fresh)
+
+    async def claim_at_commit(self, queue: str, message_id: str) -> bool:
+        """Claim the id with the next group commit; ``False`` if the inbox has it already.
+
+        Raises:
+            StoreUnavailable: the commit failed.
+        """
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._claims.append((queue, message_id, time.time(), waiter))
+        self._kick()
+        return await waiter
 
     async def _fail_batch(self, db: aiosqlite.Connection | None, error: StoreUnavailable) -> None:
         """Roll the shared transaction back and fail every message waiting for it."""
         batch, self._batch = self._batch, []
+        claims, self._claims = self._claims, []
         if self._batch_open and db is not None:
             self._batch_open = False
             await _quiet_rollback(db)
-        for waiter in batch:
+        waiters: list[asyncio.Future[Any]] = [*batch, *(claim[3] for claim in claims)]
+        for waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(error)
                 waiter.exception()  # retrieved here: a cancelled worker may not await it
@@ -503,17 +573,42 @@ class SQLiteStore(Store):
         self._reader = self._writer = None
 
     async def seen(self, queue: str, message_id: str) -> bool:
-        """Look the id up on the reader connection, which sees only committed rows."""
+        """Look the id up on the reader connection, which sees only committed rows.
+
+        The look-ups of one turn of the loop go to the reader's thread as one query.
+        """
         if self._reader is None:
             raise StoreUnavailable("SQLite store is closed")
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._lookups.append((queue, message_id, waiter))
+        if len(self._lookups) == 1:
+            loop.call_soon(self._look_up)
+        return await waiter
+
+    def _look_up(self) -> None:
+        lookups, self._lookups = self._lookups, []
+        task = asyncio.ensure_future(self._look_up_batch(lookups))
+        self._lookup_tasks.add(task)
+        task.add_done_callback(self._lookup_tasks.discard)
+
+    async def _look_up_batch(self, lookups: list[tuple[str, str, asyncio.Future[bool]]]) -> None:
         try:
-            # One hop to the connection's thread: execute and fetch together.
-            found = await self._reader.execute_fetchall(to_sqlite(_SEEN), (queue, message_id))
-            return bool(found)
-        except sqlite3.Error as exc:
-            if _sqlite_outage(exc):
-                raise StoreUnavailable(str(exc)) from exc
-            raise
+            if self._reader is None:
+                raise StoreUnavailable("SQLite store is closed")
+            found = await _existing(self._reader, [(q, m) for q, m, _ in lookups])
+        except (sqlite3.Error, StoreUnavailable) as exc:
+            error: Exception = exc
+            if isinstance(exc, sqlite3.Error) and _sqlite_outage(exc):
+                error = StoreUnavailable(str(exc))
+            for _, _, waiter in lookups:
+                if not waiter.done():
+                    waiter.set_exception(error)
+                    waiter.exception()
+            return
+        for queue, message_id, waiter in lookups:
+            if not waiter.done():
+                waiter.set_result((queue, message_id) in found)
 
     def transaction(self) -> Transaction:
         """A transaction on the single writer connection."""
@@ -539,6 +634,51 @@ async def _check_version_sqlite(db: aiosqlite.Connection) -> None:
         raise sqlite3.DatabaseError(f"schema version {version} is newer than {SCHEMA_VERSION}")
 
 
+_IN_CHUNK: Final = 500  # ids per IN (...) list: SQLite allows 32,766 parameters, be modest
+
+
+async def _existing(db: aiosqlite.Connection, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Which (queue, message_id) pairs the inbox has, as ``db`` sees it; few statements."""
+    by_queue: dict[str, list[str]] = {}
+    for queue, message_id in keys:
+        by_queue.setdefault(queue, []).append(message_id)
+    found: set[tuple[str, str]] = set()
+    for queue, ids in by_queue.items():
+        unique = list(dict.fromkeys(ids))
+        for start in range(0, len(unique), _IN_CHUNK):
+            chunk = unique[start : start + _IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            rows = await db.execute_fetchall(
+                f"SELECT message_id FROM {INBOX_TABLE} "  # only ? marks are added
+                f"WHERE queue = ? AND message_id IN ({marks})",
+                (queue, *chunk),
+            )
+            found.update((queue, row[0]) for row in rows)
+    return found
+
+
+async def _insert_claims(
+    db: aiosqlite.Connection, claims: list[tuple[str, str, float, asyncio.Future[bool]]]
+) -> list[bool]:
+    """Insert the claims the inbox does not have yet; say for each whether it was fresh.
+
+    Run in the writer's transaction: it sees the committed rows and this group's own.
+    """
+    existing = await _existing(db, [(queue, message_id) for queue, message_id, _, _ in claims])
+    fresh: list[bool] = []
+    rows: list[tuple[str, str, float]] = []
+    for queue, message_id, at, _ in claims:
+        if (queue, message_id) in existing:
+            fresh.append(False)  # a duplicate, reported once this commit is done
+            continue
+        existing.add((queue, message_id))
+        rows.append((queue, message_id, at))
+        fresh.append(True)
+    if rows:
+        await db.executemany(to_sqlite(_CLAIM), rows)
+    return fresh
+
+
 class _SQLiteTransaction(Transaction):
     """One message's work: a savepoint inside the store's shared (group-commit) transaction."""
 
@@ -547,6 +687,12 @@ class _SQLiteTransaction(Transaction):
         self._db: aiosqlite.Connection | None = None
         self._savepoint = False
         self._conflict = False
+        self.deferred_claim: tuple[str, str] | None = None
+
+    @property
+    def wrote(self) -> bool:
+        """The handler ran a statement: it holds the writer and a savepoint."""
+        return self._db is not None
 
     async def _begin(self) -> aiosqlite.Connection:
         if self._db is not None:
@@ -621,6 +767,9 @@ class _SQLiteTransaction(Transaction):
         await self._quiesce()
         db, self._db = self._db, None
         if db is None:
+            claim = self.deferred_claim
+            if exc_type is None and claim and not await self._store.claim_at_commit(*claim):
+                raise _AlreadyAppliedError
             return
         # Shielded: a cancelled worker must still close its savepoint and hand the connection
         # on; the group commit then goes ahead without it.

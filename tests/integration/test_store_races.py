@@ -45,20 +45,71 @@ async def test_sqlite_duplicate_reported_only_after_the_first_copy_commits(tmp_p
     async def second(tx):
         await tx.execute("INSERT INTO t VALUES ('second')")
 
-    one = asyncio.create_task(store.apply("q", "m", first))
-    await first_wrote.wait()
-    two = asyncio.create_task(store.apply("q", "m", second))
     seen_at_duplicate: list[int] = []
-    two.add_done_callback(
-        lambda _: seen_at_duplicate.append(
+
+    async def second_copy() -> bool:
+        applied = await store.apply("q", "m", second)
+        # What is committed the moment the answer comes, before anything else runs.
+        seen_at_duplicate.append(
             _committed(store, "SELECT count(*) FROM mayhem_inbox WHERE message_id = 'm'")
         )
-    )
+        return applied
+
+    one = asyncio.create_task(store.apply("q", "m", first))
+    await first_wrote.wait()
+    two = asyncio.create_task(second_copy())
     release_first.set()
     assert await one is True
     assert await two is False
     assert seen_at_duplicate == [1], "the duplicate was reported before the first commit"
     assert _committed(store, "SELECT count(*) FROM t") == 1
+    await store.close(1)
+
+
+async def test_sqlite_quiet_handlers_claim_together_each_id_once(tmp_path):
+    """Handlers that write nothing have their ids claimed by the group commit.
+
+    1. 40 messages with distinct ids and 3 copies of one more id finish together.
+    2. Every distinct id is applied; of the copies exactly one, and the others are
+       duplicates only once the applied copy's claim is committed.
+    """
+    store = await _sqlite_store(tmp_path)
+    answers: list[tuple[str, bool, int]] = []
+
+    async def quiet(_tx):
+        await asyncio.sleep(0)
+
+    async def one(message_id: str) -> None:
+        applied = await store.apply("q", message_id, quiet)
+        committed = _committed(
+            store, f"SELECT count(*) FROM mayhem_inbox WHERE message_id = '{message_id}'"
+        )
+        answers.append((message_id, applied, committed))
+
+    ids = [f"m{n}" for n in range(40)] + ["twin"] * 3
+    await asyncio.gather(*(one(message_id) for message_id in ids))
+    assert sorted(m for m, applied, _ in answers if applied) == sorted(set(ids))
+    assert [committed for _, _, committed in answers] == [1] * len(ids)
+    assert _committed(store, "SELECT count(*) FROM mayhem_inbox") == 41
+    # A redelivery later finds the committed claim and skips the handler.
+    assert await store.apply("q", "twin", quiet) is False
+    await store.close(1)
+
+
+async def test_sqlite_failed_group_commit_fails_every_quiet_claim(tmp_path):
+    """A commit that fails fails every message waiting for it; none is reported applied."""
+    store = await _sqlite_store(tmp_path)
+    blocker = sqlite3.connect(store.path, timeout=0, isolation_level=None)
+    await store.apply("q", "warm", lambda _tx: asyncio.sleep(0))
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the writer past busy_timeout
+    try:
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(store.apply("q", "late", lambda _tx: asyncio.sleep(0)), 30)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert _committed(store, "SELECT count(*) FROM mayhem_inbox WHERE message_id = 'late'") == 0
+    assert await store.apply("q", "late", lambda _tx: asyncio.sleep(0)) is True
     await store.close(1)
 
 
