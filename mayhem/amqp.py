@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
-from pamqp import commands, constants, frame, header
+from pamqp import commands, constants, decode, frame
 from pamqp.exceptions import PAMQPException
 
 from mayhem.exceptions import BrokerRefused, LinkLost
@@ -108,7 +108,7 @@ class Delivery:
         redelivered: bool,
         exchange: str,
         routing_key: str,
-        properties: commands.Basic.Properties,
+        properties: Properties,
         body: bytes,
     ) -> None:
         self.link = link
@@ -123,6 +123,11 @@ class Delivery:
     def stale(self) -> bool:
         """The link it came on is closed: its tag is void, the broker redelivers it."""
         return self.link.closed
+
+    @property
+    def malformed(self) -> str | None:
+        """What in its properties could not be decoded, if anything."""
+        return self.properties.malformed
 
     @property
     def message_id(self) -> str | None:
@@ -168,7 +173,94 @@ class Delivery:
 def _short_string(data: bytes, offset: int) -> tuple[str, int]:
     size = data[offset]
     end = offset + 1 + size
-    return data[offset + 1 : end].decode("utf-8"), end
+    return data[offset + 1 : end].decode("utf-8", "replace"), end
+
+
+class Properties:
+    """A delivery's AMQP basic properties; ``None`` where absent.
+
+    ``malformed`` says what could not be decoded (a short string that is not UTF-8, a
+    headers table pamqp refuses): such a delivery is dead-lettered, never allowed to break
+    the connection over and over.
+    """
+
+    content_type: str | None = None
+    content_encoding: str | None = None
+    headers: dict[str, Any] | None = None
+    delivery_mode: int | None = None
+    priority: int | None = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    expiration: str | None = None
+    message_id: str | None = None
+    timestamp: datetime | None = None
+    message_type: str | None = None
+    user_id: str | None = None
+    app_id: str | None = None
+    cluster_id: str | None = None
+    malformed: str | None = None
+
+
+# The basic properties in wire order, by flag bit (15 first), with their kind.
+_SHORT, _OCTET, _TABLE, _TIMESTAMP = range(4)
+_PROPERTIES: Final = (
+    (1 << 15, "content_type", _SHORT),
+    (1 << 14, "content_encoding", _SHORT),
+    (1 << 13, "headers", _TABLE),
+    (1 << 12, "delivery_mode", _OCTET),
+    (1 << 11, "priority", _OCTET),
+    (1 << 10, "correlation_id", _SHORT),
+    (1 << 9, "reply_to", _SHORT),
+    (1 << 8, "expiration", _SHORT),
+    (1 << 7, "message_id", _SHORT),
+    (1 << 6, "timestamp", _TIMESTAMP),
+    (1 << 5, "message_type", _SHORT),
+    (1 << 4, "user_id", _SHORT),
+    (1 << 3, "app_id", _SHORT),
+    (1 << 2, "cluster_id", _SHORT),
+)
+_CONTENT_HEADER: Final = struct.Struct(">HHQH")  # class, weight, body size, property flags
+
+
+def decode_content_header(data: bytes) -> tuple[int, Properties]:
+    """The body size and properties of a content header frame's payload.
+
+    Raises:
+        ValueError: the frame is cut short (a protocol error: the connection is dropped).
+    """
+    _, _, body_size, flags = _CONTENT_HEADER.unpack_from(data)
+    properties = Properties()
+    offset = _CONTENT_HEADER.size
+    for bit, name, kind in _PROPERTIES:
+        if not flags & bit:
+            continue
+        value: Any
+        if kind == _SHORT:
+            end = offset + 1 + data[offset]
+            raw = data[offset + 1 : end]
+            try:
+                value = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                value = raw.decode("utf-8", "replace")
+                properties.malformed = f"property {name} is not valid UTF-8"
+        elif kind == _OCTET:
+            value, end = data[offset], offset + 1
+        elif kind == _TABLE:
+            end = offset + 4 + int.from_bytes(data[offset : offset + 4])
+            try:
+                _, value = decode.field_table(data[offset:end])
+            except (ValueError, UnicodeDecodeError, struct.error) as exc:
+                value = {}
+                properties.malformed = f"headers cannot be decoded: {exc}"
+        else:
+            _, value = decode.timestamp(data[offset : offset + 8])
+            end = offset + 8
+        if end > len(data):
+            msg = "content header cut short"
+            raise ValueError(msg)
+        setattr(properties, name, value)
+        offset = end
+    return body_size, properties
 
 
 class Link(asyncio.Protocol):
@@ -194,7 +286,7 @@ class Link(asyncio.Protocol):
         self.closed = False
         self._start = self._expect(commands.Connection.Start)
         self._deliver: tuple[int, bool, str, str] | None = None
-        self._properties: commands.Basic.Properties | None = None
+        self._properties: Properties | None = None
         self._body: list[bytes] = []
         self._body_left = 0
         self._heartbeat = 0
@@ -287,10 +379,7 @@ class Link(asyncio.Protocol):
             waiter.set_exception(LinkLost(msg))
 
     def _on_header(self, data: bytes) -> None:
-        content = header.ContentHeader()
-        content.unmarshal(data)
-        self._properties = content.properties
-        self._body_left = content.body_size
+        self._body_left, self._properties = decode_content_header(data)
         if not self._body_left:
             self._delivered(b"")
 

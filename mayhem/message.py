@@ -114,8 +114,11 @@ def build_message(delivery: Delivery, max_bytes: int, *, hash_missing_id: bool =
 
     Raises:
         Reject: the delivery cannot be handled at all (no ``message_id``, a body over the
-            size limit or an empty one); it is dead-lettered at once.
+            size limit or an empty one, properties that are not valid UTF-8); it is
+            dead-lettered at once.
     """
+    if delivery.malformed:
+        raise Reject(delivery.malformed)
     message_id = delivery.message_id
     if not message_id:
         if not hash_missing_id:

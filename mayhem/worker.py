@@ -89,6 +89,11 @@ class Workers:
         self._metrics = metrics
         self._on_store_outage = on_store_outage
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        # Handler deadlines of the messages in flight, checked by one timer for them all.
+        self._deadlines: dict[asyncio.Task[Any], float] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._reaper: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
         self.in_flight = 0
         self.acked = 0
         self.cancelled = 0
@@ -145,26 +150,53 @@ class Workers:
             )
         except Reject as exc:
             return Outcome.REJECTED, exc
-        deadline = asyncio.timeout(config.handler_timeout)
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("a worker runs in a task")
+        self._deadlines[task] = self._loop.time() + config.handler_timeout
+        if self._reaper is None:
+            self._reaper = self._loop.call_later(self._reap_interval, self._reap)
         try:
-            async with deadline:
-                applied = await self._store.apply(
-                    config.queue,
-                    message.message_id,
-                    functools.partial(self._call_handler, message),
-                )
+            applied = await self._store.apply(
+                config.queue,
+                message.message_id,
+                functools.partial(self._call_handler, message),
+            )
+        except asyncio.CancelledError:
+            if task not in self._expired or task.uncancel():
+                raise  # shutdown's cancel (too), not only the deadline's
+            late = HandlerTimeout(
+                f"handler ran past handler_timeout ({config.handler_timeout:g} s)"
+            )
+            log.warning("handler failed: %s", describe(late))
+            return Outcome.FAILED, late
         except StoreUnavailable as exc:
             return Outcome.STORE_DOWN, exc
         except Reject as exc:
             return Outcome.REJECTED, exc
         except Exception as exc:
-            if isinstance(exc, TimeoutError) and deadline.expired():
-                exc = HandlerTimeout(
-                    f"handler ran past handler_timeout ({config.handler_timeout:g} s)"
-                )
             log.warning("handler failed: %s", describe(exc), exc_info=log.isEnabledFor(10))
             return Outcome.FAILED, exc
+        finally:
+            del self._deadlines[task]
+            self._expired.discard(task)
         return (Outcome.APPLIED if applied else Outcome.DUPLICATE), None
+
+    @property
+    def _reap_interval(self) -> float:
+        # A deadline is noticed at most this late: a tenth of the timeout, 0.1 s at most.
+        return min(0.1, self._config.handler_timeout / 10)
+
+    def _reap(self) -> None:
+        """Cancel the handlers past their deadline (one timer for all, not one per message)."""
+        self._reaper = None
+        now = self._loop.time()
+        for task, deadline in self._deadlines.items():
+            if deadline <= now and task not in self._expired:
+                self._expired.add(task)
+                task.cancel(msg="handler_timeout")
+        if self._deadlines:
+            self._reaper = self._loop.call_later(self._reap_interval, self._reap)
 
     async def _settle(
         self, delivery: Delivery, outcome: Outcome, error: BaseException | None
@@ -210,5 +242,8 @@ class Workers:
 
     def close(self) -> None:
         """Let go of the handler threads without waiting for them (a stuck one never ends)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,17 +1,18 @@
-"""Message.json() and build_message(), from real aio-pika deliveries built of pamqp frames."""
+"""Message.json() and build_message(), from deliveries decoded from the frames pamqp encodes."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
-import aio_pika
-import aiormq.abc
 import attrs
 import pytest
 from pamqp import commands, header
 
 import mayhem
+from mayhem.amqp import Delivery, decode_content_header
 from mayhem.message import ATTEMPT_HEADER, Message, build_message
 
 
@@ -23,24 +24,15 @@ def delivery(
     redelivered: bool = False,
     routing_key: str | None = "rk",
     content_type: str | None = None,
-) -> aio_pika.IncomingMessage:
-    """A real IncomingMessage, as aio-pika builds it from the frames of a basic.deliver."""
+    header_bytes: Callable[[bytes], bytes] = lambda raw: raw,
+) -> Delivery:
+    """A Delivery as mayhem.amqp decodes it from a content header that pamqp encodes."""
     properties = commands.Basic.Properties(
         message_id=message_id, headers=headers, content_type=content_type
     )
-    delivered = aiormq.abc.DeliveredMessage(
-        delivery=commands.Basic.Deliver(
-            consumer_tag="ctag",
-            delivery_tag=1,
-            redelivered=redelivered,
-            exchange="",
-            routing_key=routing_key,
-        ),
-        header=header.ContentHeader(body_size=len(body), properties=properties),
-        body=body,
-        channel=None,  # type: ignore[arg-type]  # build_message never touches the channel
-    )
-    return aio_pika.IncomingMessage(delivered)
+    raw = header.ContentHeader(body_size=len(body), properties=properties).marshal()
+    _, decoded = decode_content_header(header_bytes(raw))
+    return Delivery(None, 1, redelivered, "", routing_key or "", decoded, body)  # type: ignore[arg-type]
 
 
 def decode_error(message: Message) -> str:
@@ -240,7 +232,8 @@ def test_build_message_empty_body():
         ({ATTEMPT_HEADER: 0}, 1),
         ({ATTEMPT_HEADER: -3}, 1),
         ({ATTEMPT_HEADER: "3"}, 1),
-        ({ATTEMPT_HEADER: b"3"}, 1),
+        ({ATTEMPT_HEADER: bytearray(b"3")}, 1),
+        ({ATTEMPT_HEADER: True}, 1),
         ({ATTEMPT_HEADER: 2.5}, 1),
         ({ATTEMPT_HEADER: None}, 1),
         ({ATTEMPT_HEADER: [2]}, 1),
@@ -272,3 +265,66 @@ def test_build_message_content_type_governs_json():
     message = build_message(delivery(b"{}", content_type="text/plain"), max_bytes=1024)
     assert message.content_type == "text/plain"
     decode_error(message)
+
+
+def test_build_message_rejects_a_message_id_that_is_not_utf8():
+    """Bytes that are not UTF-8 in message_id: dead-lettered, never a broken connection."""
+    incoming = delivery(
+        message_id="m-1", header_bytes=lambda raw: raw.replace(b"\x03m-1", b"\x03m\xff1")
+    )
+    assert incoming.message_id == "m\ufffd1"
+    with pytest.raises(mayhem.Reject, match="message_id is not valid UTF-8"):
+        build_message(incoming, max_bytes=1024)
+
+
+def test_build_message_rejects_headers_that_cannot_be_decoded():
+    """A headers table with an unknown field type: dead-lettered, the rest still decoded."""
+    incoming = delivery(
+        message_id="m-1",
+        headers={"k": "v"},
+        # The field type of "k" from S (long string) to "?" (no such type).
+        header_bytes=lambda raw: raw.replace(b"\x01kS", b"\x01k?"),
+    )
+    assert incoming.message_id == "m-1"
+    assert incoming.headers == {}
+    with pytest.raises(mayhem.Reject, match="headers cannot be decoded"):
+        build_message(incoming, max_bytes=1024)
+
+
+def test_content_header_with_every_property_decodes_as_pamqp_encodes_it():
+    """Each basic property comes back as pamqp encoded it."""
+    stamp = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
+    sent = commands.Basic.Properties(
+        content_type="application/json",
+        content_encoding="gzip",
+        headers={"x-mayhem-attempt": 3, "nested": {"a": [1, "two"]}},
+        delivery_mode=2,
+        priority=7,
+        correlation_id="c-1",
+        reply_to="r",
+        expiration="6000",
+        message_id="m-1",
+        timestamp=stamp,
+        message_type="t",
+        user_id="guest",
+        app_id="app",
+    )
+    raw = header.ContentHeader(body_size=12345, properties=sent).marshal()
+    size, got = decode_content_header(raw)
+    assert size == 12345
+    assert got.malformed is None
+    for name in (
+        "content_type", "content_encoding", "headers", "delivery_mode", "priority",
+        "correlation_id", "reply_to", "expiration", "message_id", "timestamp", "message_type",
+        "user_id", "app_id",
+    ):  # fmt: skip
+        assert getattr(got, name) == getattr(sent, name), name
+
+
+def test_content_header_cut_short_is_a_protocol_error():
+    """A header frame shorter than its flags say: ValueError (the connection is dropped)."""
+    raw = header.ContentHeader(
+        body_size=1, properties=commands.Basic.Properties(message_id="m-1")
+    ).marshal()
+    with pytest.raises(ValueError, match="cut short"):
+        decode_content_header(raw[:-2])
