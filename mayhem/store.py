@@ -59,6 +59,11 @@ _CLAIM: Final = (
     f"INSERT INTO {INBOX_TABLE} (queue, message_id, processed_at) VALUES ($1, $2, $3) "
     "ON CONFLICT DO NOTHING"
 )
+# The same, as text with literals in place of the $n (see _PostgresTransaction.claim).
+_CLAIM_TEXT: Final = (
+    f"INSERT INTO {INBOX_TABLE} (queue, message_id, processed_at) VALUES ({{}}, {{}}, {{}}) "
+    "ON CONFLICT DO NOTHING"
+)
 _PRUNE: Final = f"DELETE FROM {INBOX_TABLE} WHERE processed_at < $1 RETURNING 1"
 
 Row = dict[str, Any]
@@ -819,6 +824,9 @@ class PostgresStore(Store):
                 min_size=1,
                 max_size=self._pool_size,
                 server_settings={"application_name": application_name()},
+                # Every transaction resets the session in its own COMMIT or ROLLBACK round
+                # trip (see _PostgresTransaction); the pool's own reset would add one more.
+                reset=_reset_in_transaction,
             )
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
@@ -907,40 +915,90 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+_PLAIN_STATEMENT: Final = re.compile(
+    r"\s*(SELECT|INSERT|UPDATE|DELETE|WITH|VALUES|TABLE|MERGE)\b", re.IGNORECASE
+)
+# Functions that change the session from inside a plain statement.
+_SESSION_FUNCTIONS: Final = re.compile(r"pg_advisory|set_config|dblink", re.IGNORECASE)
+
+
+@lru_cache(maxsize=1024)
+def _leaves_no_session_state(sql: str) -> bool:
+    """Plain DML or a query that calls no session-changing function.
+
+    Anything else (SET, LISTEN, DECLARE, PREPARE, a leading comment...) makes the end of the
+    transaction reset the session, as asyncpg's pool would. A function of the user's own that
+    changes the session must do it transaction-locally (``SET LOCAL``).
+    """
+    return bool(_PLAIN_STATEMENT.match(sql)) and not _SESSION_FUNCTIONS.search(sql)
+
+
+def _literal(text: str) -> str:
+    """``text`` as a PostgreSQL dollar-quoted literal: nothing in it is read as SQL.
+
+    The tag is chosen so that its first occurrence after the opening one is the closing one.
+    """
+    number = 0
+    tag = "$m$"
+    while (text + tag).find(tag) != len(text):
+        number += 1
+        tag = f"$m{number}$"
+    return f"{tag}{text}{tag}"
+
+
+async def _reset_in_transaction(_: asyncpg.Connection) -> None:
+    """The pool's reset: nothing left to do.
+
+    A transaction whose statements may have changed the session ends with ``COMMIT;
+    <asyncpg's reset query>`` in one round trip; plain DML leaves nothing to reset, nor do
+    the other uses of the pool (the schema, look-ups, pings); and asyncpg still rolls back a
+    transaction left open.
+    """
+
+
 class _PostgresTransaction(Transaction):
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self._conn: PoolConnection | None = None
-        self._tx: Any = None
+        self._begun = False
+        # A handler statement may have left session state behind (SET, LISTEN, an advisory
+        # lock...): the end of the transaction resets the session too.
+        self._dirty = False
         self.aborted: BaseException | None = None
 
-    async def _begin(self) -> PoolConnection:
-        if self._conn is not None:
-            return self._conn
+    async def _acquire(self) -> PoolConnection:
         if self.ended:
             raise TransactionClosed(TRANSACTION_ENDED)
         try:
-            conn = await self._pool.acquire(timeout=30)
+            # No timeout: the pool has a connection for every worker, and asyncpg's
+            # timeout costs a task per acquire.
+            conn = await self._pool.acquire()
         except _PG_OUTAGE as exc:
             self.lost = True
             raise StoreUnavailable(_describe(exc)) from exc
-        try:
-            tx = conn.transaction()
-            await tx.start()
-        except BaseException as exc:
-            await self._pool.release(conn)
-            if isinstance(exc, _PG_OUTAGE):
-                self.lost = True
-                raise StoreUnavailable(_describe(exc)) from exc
-            raise
-        self._conn, self._tx = conn, tx
+        self._conn = conn
         return conn
 
-    async def _call(self, call: Callable[[PoolConnection], Awaitable[Any]]) -> Any:  # noqa: ANN401
+    async def _call(
+        self,
+        call: Callable[[PoolConnection], Awaitable[Any]],
+        *,
+        opening: str | None = None,
+    ) -> Any:  # noqa: ANN401 -- what the statement returns
+        """Run ``call`` in the transaction, beginning it first if this is its first statement.
+
+        ``opening`` is the same statement as SQL text, sent with the ``BEGIN`` in one round
+        trip when it is the first.
+        """
         self._call_started()
         try:
-            conn = await self._begin()
+            conn = self._conn or await self._acquire()
             try:
+                if not self._begun:
+                    self._begun = True
+                    if opening is not None:
+                        return await conn.execute(f"BEGIN; {opening}")
+                    await conn.execute("BEGIN")
                 return await call(conn)
             except Exception as exc:
                 # A lost connection is not the message's fault; an SQL error, a statement
@@ -957,16 +1015,25 @@ class _PostgresTransaction(Transaction):
 
     async def execute(self, sql: str, *args: object) -> None:
         """Run a statement in the transaction."""
+        self._dirty = self._dirty or not _leaves_no_session_state(sql)
         await self._call(lambda conn: conn.execute(sql, *args))
 
     async def fetch(self, sql: str, *args: object) -> list[Row]:
         """Run a query in the transaction."""
+        self._dirty = self._dirty or not _leaves_no_session_state(sql)
         records = await self._call(lambda conn: conn.fetch(sql, *args))
         return [dict(record) for record in records]
 
     async def claim(self, queue: str, message_id: str) -> bool:
         """Insert the inbox row unless it is there; waits for a concurrent claim to settle."""
-        status = await self._call(lambda conn: conn.execute(_CLAIM, queue, message_id, time.time()))
+        at = time.time()
+        opening = None
+        if "\0" not in queue + message_id:
+            # As text, so that it goes with the BEGIN: one round trip less per message.
+            opening = _CLAIM_TEXT.format(_literal(queue), _literal(message_id), repr(at))
+        status = await self._call(
+            lambda conn: conn.execute(_CLAIM, queue, message_id, at), opening=opening
+        )
         return bool(status == "INSERT 0 1")
 
     async def __aenter__(self) -> Self:
@@ -979,14 +1046,17 @@ class _PostgresTransaction(Transaction):
         tb: TracebackType | None,
     ) -> None:
         await self._quiesce()
-        conn, tx, self._conn, self._tx = self._conn, self._tx, None, None
+        conn, self._conn = self._conn, None
         if conn is None:
             return
         commit = exc_type is None and self.aborted is None
         try:
-            # Shielded: a cancelled worker must still end its transaction and give the
-            # connection back, or the pool leaks it.
-            await asyncio.shield(self._finish(conn, tx, commit=commit))
+            await self._finish(conn, commit=commit)
+        except asyncio.CancelledError:
+            # Dropped, so the pool gets its slot back at once; the server rolls back (or has
+            # committed: then the redelivery finds the inbox row).
+            conn.terminate()
+            raise
         except Exception as error:
             if not commit:
                 # The block failed already and the server rolls back a transaction whose
@@ -1004,12 +1074,11 @@ class _PostgresTransaction(Transaction):
             )
             raise TransactionAborted(msg) from self.aborted
 
-    async def _finish(self, conn: PoolConnection, tx: Any, *, commit: bool) -> None:  # noqa: ANN401
+    async def _finish(self, conn: PoolConnection, *, commit: bool) -> None:
         try:
-            if commit:
-                await tx.commit()
-            else:
-                await tx.rollback()
+            # The end of the transaction and the session reset in one round trip.
+            end = "COMMIT" if commit else "ROLLBACK"
+            await conn.execute(f"{end}; {conn.get_reset_query()}" if self._dirty else end)
         except BaseException:
             # Never give a connection in an unknown state back to the pool.
             conn.terminate()

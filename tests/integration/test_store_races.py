@@ -208,3 +208,71 @@ async def test_postgres_handler_misuse_is_a_failure_not_an_outage(pg_url):
         await store.apply("q", "m", wrong_type)
     assert not isinstance(raised.value, StoreUnavailable)
     await store.close(5)
+
+
+TRICKY_IDS = (
+    "plain",
+    "it's",
+    "$m$",
+    "ends with $m",
+    "$m1$ and $m$ and $m2",
+    "back\\slash\\' and ''quotes''",
+    "; DROP TABLE t; --",
+    "ünïcødé ✓",
+    "3fa85f64$3$2$1",
+    "",
+)
+
+
+@pytest.mark.parametrize("message_id", TRICKY_IDS)
+async def test_postgres_claim_keeps_any_message_id_verbatim(pg_url, message_id):
+    """The claim sent as text with the BEGIN stores every id as it is, and only once."""
+    store = PostgresStore(pg_url, pool_size=2)
+    await store.open()
+    try:
+
+        async def work(tx):
+            await tx.execute("SELECT 1")
+
+        assert await store.apply("q'$m$$2", message_id, work) is True
+        assert await store.apply("q'$m$$2", message_id, work) is False
+        conn = await asyncpg.connect(pg_url)
+        try:
+            rows = await conn.fetch("SELECT queue, message_id FROM mayhem_inbox")
+        finally:
+            await conn.close()
+        assert [(row["queue"], row["message_id"]) for row in rows] == [("q'$m$$2", message_id)]
+    finally:
+        await store.close(1)
+
+
+async def test_postgres_session_state_never_leaks_to_the_next_message(pg_url):
+    """A handler's session-level SET and advisory lock end with its transaction.
+
+    1. With one pooled connection, message 1 runs `SET application_name` (not LOCAL) and
+       takes a session advisory lock.
+    2. Message 2, on the same connection, sees the pool's application_name; another session
+       can take the lock.
+    """
+    store = PostgresStore(pg_url, pool_size=1)
+    await store.open()
+    try:
+        seen: list[str] = []
+
+        async def changes_the_session(tx):
+            await tx.execute("SET application_name = 'leaked'")
+            await tx.fetch("SELECT pg_advisory_lock(4242)")
+
+        async def reads_the_session(tx):
+            seen.append(await tx.fetchval("SELECT current_setting('application_name')"))
+
+        assert await store.apply("q", "m-1", changes_the_session) is True
+        assert await store.apply("q", "m-2", reads_the_session) is True
+        assert seen[0].startswith("mayhem pid=")
+        other = await asyncpg.connect(pg_url)
+        try:
+            assert await other.fetchval("SELECT pg_try_advisory_lock(4242)") is True
+        finally:
+            await other.close()
+    finally:
+        await store.close(1)
