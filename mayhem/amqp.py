@@ -30,7 +30,7 @@ from pamqp.exceptions import PAMQPException
 from mayhem.exceptions import BrokerRefused, LinkLost
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
     from datetime import datetime
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ REPLY_TIMEOUT: Final = 10.0
 _FRAME_HEAD: Final = struct.Struct(">BHI")  # type, channel, size; then payload and 0xCE
 _FRAME_MIN: Final = 8
 _DELIVER_INDEX: Final = 0x003C003C  # basic.deliver: class 60, method 60
-_ACK_HEAD: Final = struct.Struct(">BHIIQB")  # method frame, basic.ack, tag, multiple
+_ACK: Final = struct.Struct(">BHIIQBB")  # method frame, basic.ack, tag, multiple, 0xCE
 _ACK_INDEX: Final = 0x003C0050
 _FRAME_END: Final = bytes((constants.FRAME_END,))
 _HEARTBEAT_FRAME: Final = _FRAME_HEAD.pack(constants.FRAME_HEARTBEAT, 0, 0) + _FRAME_END
@@ -405,19 +405,25 @@ class Link(asyncio.Protocol):
 
     # -- the hot path: settling ---------------------------------------------------------------
 
-    def ack(self, tag: int, *, multiple: bool = False) -> None:
-        """``basic.ack`` (written now, not awaited).
+    def ack(self, multiple_up_to: int, singles: Iterable[int] = ()) -> None:
+        """``basic.ack`` frames, written now in one go (not awaited).
+
+        Args:
+            multiple_up_to: acknowledge every delivery up to this tag (``multiple=True``);
+                0 for none.
+            singles: tags to acknowledge one by one.
 
         Raises:
-            LinkLost: the link is closed; the broker has requeued the delivery.
+            LinkLost: the link is closed; the broker has requeued the deliveries.
         """
         if self.closed or self._transport is None:
             msg = "the consuming connection is closed"
             raise LinkLost(msg)
-        self._transport.write(
-            _ACK_HEAD.pack(constants.FRAME_METHOD, CHANNEL, 13, _ACK_INDEX, tag, multiple)
-            + _FRAME_END
-        )
+        pack, method, end = _ACK.pack, constants.FRAME_METHOD, constants.FRAME_END
+        frames = [pack(method, CHANNEL, 13, _ACK_INDEX, tag, 0, end) for tag in singles]
+        if multiple_up_to:
+            frames.append(pack(method, CHANNEL, 13, _ACK_INDEX, multiple_up_to, 1, end))
+        self._transport.write(b"".join(frames))
 
     def nack(self, tag: int, *, requeue: bool = True) -> None:
         """``basic.nack`` of one delivery (written now, not awaited).

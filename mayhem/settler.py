@@ -131,10 +131,7 @@ class Settler:
                 singles.append(tag)
         pending.clear()
         try:
-            if highest:
-                link.ack(highest, multiple=True)
-            for tag in singles:
-                link.ack(tag)
+            link.ack(highest, singles)
         except LinkLost:
             # The broker redelivers them; the inbox knows they were applied.
             unsent = len(singles) + bool(highest)
