@@ -234,6 +234,9 @@ def decode_content_header(data: bytes) -> tuple[int, Properties]:
     for bit, name, kind in _PROPERTIES:
         if not flags & bit:
             continue
+        if offset >= len(data):
+            msg = "content header cut short"
+            raise ValueError(msg)
         value: Any
         if kind == _SHORT:
             end = offset + 1 + data[offset]
@@ -324,7 +327,16 @@ class Link(asyncio.Protocol):
                 elif kind == constants.FRAME_HEADER:
                     self._on_header(bytes(buffer[offset + 7 : end]))
                 offset = end + 1  # a heartbeat frame only refreshes _last_received
-        except (PAMQPException, LinkLost, ValueError, struct.error, UnicodeDecodeError) as exc:
+                if self.closed:
+                    break  # the broker closed it: what follows is void
+        except (
+            PAMQPException,
+            LinkLost,
+            ValueError,
+            IndexError,
+            struct.error,
+            UnicodeDecodeError,
+        ) as exc:
             self._fail(exc if isinstance(exc, LinkLost) else LinkLost(f"bad frame: {exc}"))
             return
         finally:
@@ -470,7 +482,8 @@ class Link(asyncio.Protocol):
             0,
         )
         tune = await self._wait(tune_reply)
-        self._heartbeat = _negotiate(endpoint.heartbeat, tune.heartbeat)
+        # 0 in the URL turns heartbeats off; otherwise the shorter interval of the two.
+        self._heartbeat = endpoint.heartbeat and _negotiate(endpoint.heartbeat, tune.heartbeat)
         frame_max = _negotiate(FRAME_MAX, tune.frame_max)
         open_reply = self._expect(commands.Connection.OpenOk)
         self._write(
