@@ -180,8 +180,8 @@ class Properties:
     """A delivery's AMQP basic properties; ``None`` where absent.
 
     ``malformed`` says what could not be decoded (a short string that is not UTF-8, a
-    headers table pamqp refuses): such a delivery is dead-lettered, never allowed to break
-    the connection over and over.
+    headers table pamqp refuses, a timestamp out of range): such a delivery is dead-lettered,
+    never allowed to break the connection over and over.
     """
 
     content_type: str | None = None
@@ -232,38 +232,48 @@ def decode_content_header(data: bytes) -> tuple[int, Properties]:
     properties = Properties()
     offset = _CONTENT_HEADER.size
     for bit, name, kind in _PROPERTIES:
-        if not flags & bit:
-            continue
-        if offset >= len(data):
-            msg = "content header cut short"
-            raise ValueError(msg)
-        value: Any
-        if kind == _SHORT:
-            end = offset + 1 + data[offset]
-            raw = data[offset + 1 : end]
-            try:
-                value = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                value = raw.decode("utf-8", "replace")
-                properties.malformed = f"property {name} is not valid UTF-8"
-        elif kind == _OCTET:
-            value, end = data[offset], offset + 1
-        elif kind == _TABLE:
-            end = offset + 4 + int.from_bytes(data[offset : offset + 4])
-            try:
-                _, value = decode.field_table(data[offset:end])
-            except (ValueError, UnicodeDecodeError, struct.error) as exc:
-                value = {}
-                properties.malformed = f"headers cannot be decoded: {exc}"
-        else:
-            _, value = decode.timestamp(data[offset : offset + 8])
-            end = offset + 8
-        if end > len(data):
-            msg = "content header cut short"
-            raise ValueError(msg)
-        setattr(properties, name, value)
-        offset = end
+        if flags & bit:
+            if offset >= len(data):
+                msg = "content header cut short"
+                raise ValueError(msg)
+            value, offset = _decode_property(data, offset, name, kind, properties)
+            if offset > len(data):
+                msg = "content header cut short"
+                raise ValueError(msg)
+            setattr(properties, name, value)
     return body_size, properties
+
+
+def _decode_property(
+    data: bytes, offset: int, name: str, kind: int, properties: Properties
+) -> tuple[Any, int]:
+    """One property's value and where the next begins; notes what cannot be decoded."""
+    value: Any
+    if kind == _SHORT:
+        end = offset + 1 + data[offset]
+        raw = data[offset + 1 : end]
+        try:
+            value = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            properties.malformed = f"property {name} is not valid UTF-8"
+            value = raw.decode("utf-8", "replace")
+    elif kind == _OCTET:
+        value, end = data[offset], offset + 1
+    elif kind == _TABLE:
+        end = offset + 4 + int.from_bytes(data[offset : offset + 4])
+        try:
+            value = decode.field_table(data[offset:end])[1]
+        except (ValueError, UnicodeDecodeError, struct.error) as exc:
+            properties.malformed = f"headers cannot be decoded: {exc}"
+            value = {}
+    else:
+        end = offset + 8
+        try:
+            value = decode.timestamp(data[offset:end])[1]
+        except (ValueError, OverflowError, OSError):
+            properties.malformed = "timestamp out of range"
+            value = None
+    return value, end
 
 
 class Link(asyncio.Protocol):

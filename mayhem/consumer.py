@@ -57,6 +57,8 @@ class Consumer:
         self._metrics = metrics
         self._link: Link | None = None
         self._lost = asyncio.Event()
+        # Subscribing and unsubscribing one at a time, each deciding on the latest _wanted.
+        self._subscription = asyncio.Lock()
         self._wanted = False
         self._closing = False
         self.delivered = 0
@@ -105,19 +107,22 @@ class Consumer:
             LinkLost: the broker refused the subscription or the connection failed.
         """
         self._wanted = True
-        link = self._link
-        if link is not None and not link.closed and link.consumer_tag is None:
-            await link.consume(self._config.queue)
+        await self._subscribe()
+
+    async def _subscribe(self) -> None:
+        async with self._subscription:
+            link = self._link
+            if self._wanted and link is not None and not link.closed and not link.consumer_tag:
+                await link.consume(self._config.queue)
 
     async def cancel(self) -> None:
         """Unsubscribe (``basic.cancel``); on a closed connection log it and carry on."""
         self._wanted = False
-        link = self._link
-        if link is None or link.closed or link.consumer_tag is None:
-            return
         try:
-            async with asyncio.timeout(CANCEL_TIMEOUT):
-                await link.cancel()
+            async with asyncio.timeout(CANCEL_TIMEOUT), self._subscription:
+                link = self._link
+                if link is not None and not link.closed and link.consumer_tag:
+                    await link.cancel()
         except (LinkLost, TimeoutError) as exc:
             log.info("basic.cancel failed (%s): the connection is gone, so is the consumer", exc)
 
@@ -153,13 +158,19 @@ class Consumer:
         """Reopen the connection whenever it is lost, and subscribe again; runs until cancelled."""
         while True:
             await self._lost.wait()
+            previous = self._link
             delay = RECONNECT_INTERVAL
             while not self._closing:
                 await asyncio.sleep(delay)
                 try:
-                    link = await self._connect()
-                    if self._wanted:
-                        await link.consume(self._config.queue)
+                    self._link = link = await self._connect()
+                    # Paused meanwhile (or paused while this subscribes)? _subscribe decides
+                    # under the lock, and cancel() waits for it.
+                    await self._subscribe()
+                except asyncio.CancelledError:
+                    if self._link is not None and self._link is not previous:
+                        self._link.abort()
+                    raise
                 except LinkLost as exc:
                     log.warning(
                         "reconnecting to broker %s failed (%s); next try in %.0f s",
@@ -169,13 +180,15 @@ class Consumer:
                     )
                     delay = min(delay * 2, RECONNECT_MAX)
                     continue
-                self._link = link
                 self._lost.clear()
                 if link.closed:  # lost again at once; the next round reconnects
                     self._lost.set()
                     break
                 self._metrics.broker_reconnects.inc()
-                log.info("consuming again: broker connection re-established")
+                if self.active:
+                    log.info("consuming again: broker connection re-established")
+                else:
+                    log.info("broker connection re-established; consumption stays paused")
                 break
             if self._closing:
                 return

@@ -524,8 +524,8 @@ class SQLiteStore(Store):
         """Roll the shared transaction back and fail every message waiting for it."""
         batch, self._batch = self._batch, []
         claims, self._claims = self._claims, []
-        if self._batch_open and db is not None:
-            self._batch_open = False
+        was_open, self._batch_open = self._batch_open, False
+        if was_open and db is not None:
             await _quiet_rollback(db)
         waiters: list[asyncio.Future[Any]] = [*batch, *(claim[3] for claim in claims)]
         for waiter in waiters:
@@ -926,11 +926,17 @@ _SESSION_FUNCTIONS: Final = re.compile(r"pg_advisory|set_config|dblink", re.IGNO
 def _leaves_no_session_state(sql: str) -> bool:
     """Plain DML or a query that calls no session-changing function.
 
-    Anything else (SET, LISTEN, DECLARE, PREPARE, a leading comment...) makes the end of the
-    transaction reset the session, as asyncpg's pool would. A function of the user's own that
-    changes the session must do it transaction-locally (``SET LOCAL``).
+    Anything else (SET, LISTEN, DECLARE, PREPARE, a leading comment, several statements in
+    one text...) makes the end of the transaction reset the session, as asyncpg's pool would.
+    A function of the user's own that changes the session must do it transaction-locally
+    (``SET LOCAL``).
     """
-    return bool(_PLAIN_STATEMENT.match(sql)) and not _SESSION_FUNCTIONS.search(sql)
+    one = sql.rstrip().rstrip(";")
+    return (
+        ";" not in one  # several statements in one text: any of them may change the session
+        and bool(_PLAIN_STATEMENT.match(one))
+        and not _SESSION_FUNCTIONS.search(one)
+    )
 
 
 def _literal(text: str) -> str:
@@ -1051,12 +1057,9 @@ class _PostgresTransaction(Transaction):
             return
         commit = exc_type is None and self.aborted is None
         try:
+            # Cancelled meanwhile, _finish drops the connection: the server rolls back (or
+            # has committed: then the redelivery finds the inbox row).
             await self._finish(conn, commit=commit)
-        except asyncio.CancelledError:
-            # Dropped, so the pool gets its slot back at once; the server rolls back (or has
-            # committed: then the redelivery finds the inbox row).
-            conn.terminate()
-            raise
         except Exception as error:
             if not commit:
                 # The block failed already and the server rolls back a transaction whose

@@ -148,28 +148,7 @@ class Workers:
                 config.max_message_bytes,
                 hash_missing_id=config.missing_id == "content-hash",
             )
-        except Reject as exc:
-            return Outcome.REJECTED, exc
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("a worker runs in a task")
-        self._deadlines[task] = self._loop.time() + config.handler_timeout
-        if self._reaper is None:
-            self._reaper = self._loop.call_later(self._reap_interval, self._reap)
-        try:
-            applied = await self._store.apply(
-                config.queue,
-                message.message_id,
-                functools.partial(self._call_handler, message),
-            )
-        except asyncio.CancelledError:
-            if task not in self._expired or task.uncancel():
-                raise  # shutdown's cancel (too), not only the deadline's
-            late = HandlerTimeout(
-                f"handler ran past handler_timeout ({config.handler_timeout:g} s)"
-            )
-            log.warning("handler failed: %s", describe(late))
-            return Outcome.FAILED, late
+            applied = await self._apply_by_deadline(message)
         except StoreUnavailable as exc:
             return Outcome.STORE_DOWN, exc
         except Reject as exc:
@@ -177,10 +156,42 @@ class Workers:
         except Exception as exc:
             log.warning("handler failed: %s", describe(exc), exc_info=log.isEnabledFor(10))
             return Outcome.FAILED, exc
+        return (Outcome.APPLIED if applied else Outcome.DUPLICATE), None
+
+    async def _apply_by_deadline(self, message: Message) -> bool:
+        """``store.apply`` cancelled by the reaper at ``handler_timeout``.
+
+        Raises:
+            HandlerTimeout: the deadline passed (the transaction has rolled back).
+        """
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("a worker runs in a task")
+        timeout = self._config.handler_timeout
+        self._deadlines[task] = self._loop.time() + timeout
+        if self._reaper is None:
+            self._reaper = self._loop.call_later(self._reap_interval, self._reap)
+        cancelling = task.cancelling()
+        try:
+            return await self._store.apply(
+                self._config.queue,
+                message.message_id,
+                functools.partial(self._call_handler, message),
+            )
+        except asyncio.CancelledError:
+            if task not in self._expired:
+                raise
+            self._expired.discard(task)
+            if task.uncancel() > cancelling:
+                raise  # shutdown's cancel too, not only the deadline's
+            raise HandlerTimeout(f"handler ran past handler_timeout ({timeout:g} s)") from None
         finally:
             del self._deadlines[task]
-            self._expired.discard(task)
-        return (Outcome.APPLIED if applied else Outcome.DUPLICATE), None
+            if task in self._expired:
+                # The deadline's cancel came out as another exception (or none): take it
+                # back, or the task's next wait would take it for shutdown's.
+                self._expired.discard(task)
+                task.uncancel()
 
     @property
     def _reap_interval(self) -> float:

@@ -10,6 +10,7 @@ import sqlite3
 
 import asyncpg
 import pytest
+from mayhem_testing import wait_until
 
 from mayhem.exceptions import StoreUnavailable, TransactionAborted
 from mayhem.store import BlockingTransaction, PostgresStore, SQLiteStore
@@ -263,12 +264,18 @@ async def test_postgres_session_state_never_leaks_to_the_next_message(pg_url):
             await tx.execute("SET application_name = 'leaked'")
             await tx.fetch("SELECT pg_advisory_lock(4242)")
 
+        async def hides_a_set(tx):
+            await tx.execute("SELECT 1; SET statement_timeout = 1")
+
         async def reads_the_session(tx):
             seen.append(await tx.fetchval("SELECT current_setting('application_name')"))
+            seen.append(await tx.fetchval("SELECT current_setting('statement_timeout')"))
 
         assert await store.apply("q", "m-1", changes_the_session) is True
-        assert await store.apply("q", "m-2", reads_the_session) is True
+        assert await store.apply("q", "m-2", hides_a_set) is True
+        assert await store.apply("q", "m-3", reads_the_session) is True
         assert seen[0].startswith("mayhem pid=")
+        assert seen[1] == "0"
         other = await asyncpg.connect(pg_url)
         try:
             assert await other.fetchval("SELECT pg_try_advisory_lock(4242)") is True
@@ -276,3 +283,85 @@ async def test_postgres_session_state_never_leaks_to_the_next_message(pg_url):
             await other.close()
     finally:
         await store.close(1)
+
+
+async def test_postgres_cancel_during_commit_is_a_cancel_and_frees_the_connection(pg_url):
+    """Shutdown's cancel arriving while COMMIT runs stays a cancel; the pool stays usable.
+
+    A deferred constraint trigger makes COMMIT take 0.5 s; the task is cancelled meanwhile.
+    It must end with CancelledError (the worker then requeues the message), not another
+    error that would count as a failed attempt, and the next message gets a connection.
+    """
+    store = PostgresStore(pg_url, pool_size=1)
+    await store.open()
+    admin = await asyncpg.connect(pg_url)
+    try:
+        await admin.execute(
+            """
+            CREATE TABLE slow (k TEXT);
+            CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS
+                $$ BEGIN PERFORM pg_sleep(0.5); RETURN NULL; END $$;
+            CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON slow
+                DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
+            """
+        )
+        committing = asyncio.Event()
+
+        async def write(tx):
+            await tx.execute("INSERT INTO slow VALUES ('x')")
+            committing.set()
+
+        task = asyncio.create_task(store.apply("q", "m-1", write))
+        await committing.wait()
+
+        async def commit_running() -> bool:
+            return bool(
+                await admin.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE state = 'active' AND query LIKE 'COMMIT%'"
+                )
+            )
+
+        await wait_until(commit_running, timeout=5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+        async def quick(tx):
+            await tx.execute("SELECT 1")
+
+        async with asyncio.timeout(10):
+            assert await store.apply("q", "m-2", quick) is True
+    finally:
+        await admin.close()
+        await store.close(1)
+
+
+async def test_sqlite_store_closed_under_an_open_group_fails_fast(tmp_path):
+    """The store closes while a handler holds the writer: its message fails at once.
+
+    StoreUnavailable, and the group committer does not leave the loop spinning.
+    """
+    store = await _sqlite_store(tmp_path)
+    wrote, go_on = asyncio.Event(), asyncio.Event()
+
+    async def write(tx):
+        await tx.execute("INSERT INTO t VALUES ('x')")
+        wrote.set()
+        await go_on.wait()
+
+    async def quiet(_tx):
+        await asyncio.sleep(0)
+
+    task = asyncio.create_task(store.apply("q", "m-1", write))
+    await wrote.wait()
+    # A handler that wrote nothing: its claim waits for the group committer, which waits
+    # for the writer.
+    other = asyncio.create_task(store.apply("q", "m-2", quiet))
+    await wait_until(lambda: store._committer is not None, timeout=5)
+    await store.close(1)
+    go_on.set()
+    async with asyncio.timeout(5):
+        for pending in (task, other):
+            with pytest.raises(StoreUnavailable):
+                await pending

@@ -328,3 +328,27 @@ def test_content_header_cut_short_is_a_protocol_error():
     ).marshal()
     with pytest.raises(ValueError, match="cut short"):
         decode_content_header(raw[:-2])
+
+
+def test_build_message_rejects_a_timestamp_out_of_range():
+    """A timestamp pamqp cannot turn into a date (microseconds since 1970): dead-lettered."""
+    properties = commands.Basic.Properties(
+        message_id="m-1", timestamp=dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    )
+    raw = header.ContentHeader(body_size=2, properties=properties).marshal()
+    seconds = int(dt.datetime(2026, 1, 1, tzinfo=dt.UTC).timestamp()).to_bytes(8, "big")
+    huge = (1_700_000_000_000_000).to_bytes(8, "big")
+    _, decoded = decode_content_header(raw.replace(seconds, huge))
+    assert decoded.malformed == "timestamp out of range"
+    assert decoded.message_id == "m-1"
+    incoming = Delivery(
+        None,  # type: ignore[arg-type]  # build_message never touches the link
+        1,
+        redelivered=False,
+        exchange="",
+        routing_key="rk",
+        properties=decoded,
+        body=b"{}",
+    )
+    with pytest.raises(mayhem.Reject, match="timestamp out of range"):
+        build_message(incoming, max_bytes=1024)
