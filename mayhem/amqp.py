@@ -48,6 +48,7 @@ _ACK_INDEX: Final = 0x003C0050
 _FRAME_END: Final = bytes((constants.FRAME_END,))
 _HEARTBEAT_FRAME: Final = _FRAME_HEAD.pack(constants.FRAME_HEARTBEAT, 0, 0) + _FRAME_END
 _ACCESS_REFUSED: Final = 403
+_CLOSED: Final = "the consuming connection is closed"
 
 
 @attrs.frozen
@@ -439,8 +440,7 @@ class Link(asyncio.Protocol):
             LinkLost: the link is closed; the broker has requeued the deliveries.
         """
         if self.closed or self._transport is None:
-            msg = "the consuming connection is closed"
-            raise LinkLost(msg)
+            raise LinkLost(_CLOSED)
         pack, method, end = _ACK.pack, constants.FRAME_METHOD, constants.FRAME_END
         frames = [pack(method, CHANNEL, 13, _ACK_INDEX, tag, 0, end) for tag in singles]
         if multiple_up_to:
@@ -454,8 +454,7 @@ class Link(asyncio.Protocol):
             LinkLost: the link is closed; the broker has requeued the delivery.
         """
         if self.closed:
-            msg = "the consuming connection is closed"
-            raise LinkLost(msg)
+            raise LinkLost(_CLOSED)
         self._write(commands.Basic.Nack(delivery_tag=tag, requeue=requeue), CHANNEL)
 
     # -- opening, consuming, closing ------------------------------------------------------------
@@ -571,7 +570,7 @@ class Link(asyncio.Protocol):
     def _expect(self, *types: type) -> asyncio.Future[Any]:
         waiter: asyncio.Future[Any] = self._loop.create_future()
         if self.closed:
-            waiter.set_exception(LinkLost("the consuming connection is closed"))
+            waiter.set_exception(LinkLost(_CLOSED))
         else:
             self._replies.append((types, waiter))
         return waiter
@@ -581,8 +580,9 @@ class Link(asyncio.Protocol):
             async with asyncio.timeout(REPLY_TIMEOUT):
                 return await asyncio.shield(waiter)
         except TimeoutError:
-            self._fail(LinkLost(f"no reply from the broker in {REPLY_TIMEOUT:g} s"))
-            raise LinkLost(f"no reply from the broker in {REPLY_TIMEOUT:g} s") from None
+            silent = LinkLost(f"no reply from the broker in {REPLY_TIMEOUT:g} s")
+            self._fail(silent)
+            raise silent from None
 
     def _write(self, method: Any, channel: int) -> None:  # noqa: ANN401 -- a pamqp method
         if self._transport is not None and not self._transport.is_closing():
@@ -621,16 +621,14 @@ class Link(asyncio.Protocol):
         self.closed = True
         if self._heartbeat_timer is not None:
             self._heartbeat_timer.cancel()
-        failure = exc or LinkLost("the consuming connection is closed")
+        failure = exc or LinkLost(_CLOSED)
+        # Connection.Start's waiter among them, until the broker sends it.
         while self._replies:
             _, waiter = self._replies.popleft()
             if not waiter.done():
                 waiter.set_exception(failure)
                 # Retrieved here so that an abandoned waiter never logs "never retrieved".
                 waiter.exception()
-        if not self._start.done():
-            self._start.set_exception(failure)
-            self._start.exception()
         self._on_lost(self, exc)
 
 

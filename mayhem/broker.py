@@ -23,7 +23,6 @@ from mayhem.retry import retry_queue, retry_tiers
 
 if TYPE_CHECKING:
     from mayhem.config import Config
-    from mayhem.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -129,16 +128,14 @@ async def declare_topology(channel: aio_pika.abc.AbstractChannel, config: Config
 
 
 class Broker:
-    """The publishing connection, watched for readiness and metrics.
+    """The publishing connection, watched for readiness.
 
     Args:
         config: the daemon's configuration.
-        metrics: where reconnects are counted.
     """
 
-    def __init__(self, config: Config, metrics: Metrics) -> None:
+    def __init__(self, config: Config) -> None:
         self._config = config
-        self._metrics = metrics
         self.connection: AbstractRobustConnection | None = None
         self.channel: AbstractRobustChannel | None = None
         self.publish_channel: AbstractRobustChannel | None = None
@@ -149,7 +146,7 @@ class Broker:
     def connected(self) -> bool:
         """The connection is open and its channels are restored."""
         conn = self.connection
-        # _up turns true again only once aio-pika has restored the channels and consumer.
+        # _up turns true again only once aio-pika has restored the channels.
         return bool(
             self._up
             and conn is not None

@@ -71,8 +71,7 @@ class Consumer:
     @property
     def active(self) -> bool:
         """Subscribed to the queue on an open connection."""
-        link = self._link
-        return self._wanted and link is not None and not link.closed and bool(link.consumer_tag)
+        return self._wanted and self.connected and bool(self._link and self._link.consumer_tag)
 
     async def open(self) -> None:
         """Open the consuming connection.
@@ -214,7 +213,7 @@ class Consumer:
         dropped = 0
         while not self._buffer.empty():
             delivery = self._buffer.get_nowait()
-            if delivery is not None and delivery.link.closed:
+            if delivery is not None and delivery.stale:
                 dropped += 1
             else:
                 keep.append(delivery)

@@ -152,7 +152,7 @@ class Daemon:
         if setup is not None:
             await store.run_setup(setup)
         # The broker: topology, and the connection that publishes retries and dead letters.
-        self.broker = broker = Broker(config, self.metrics)
+        self.broker = broker = Broker(config)
         await broker.start()
         if broker.publish_channel is None:
             raise AssertionError

@@ -55,15 +55,12 @@ _SCHEMA: Final = (
     f"CREATE INDEX IF NOT EXISTS {INBOX_TABLE}_processed_at ON {INBOX_TABLE} (processed_at)",
 )
 _SEEN: Final = f"SELECT 1 FROM {INBOX_TABLE} WHERE queue = $1 AND message_id = $2"
-_CLAIM: Final = (
-    f"INSERT INTO {INBOX_TABLE} (queue, message_id, processed_at) VALUES ($1, $2, $3) "
-    "ON CONFLICT DO NOTHING"
-)
-# The same, as text with literals in place of the $n (see _PostgresTransaction.claim).
+# With literals in place of the {} for _PostgresTransaction.claim, with $n for the rest.
 _CLAIM_TEXT: Final = (
     f"INSERT INTO {INBOX_TABLE} (queue, message_id, processed_at) VALUES ({{}}, {{}}, {{}}) "
     "ON CONFLICT DO NOTHING"
 )
+_CLAIM: Final = _CLAIM_TEXT.format("$1", "$2", "$3")
 _PRUNE: Final = f"DELETE FROM {INBOX_TABLE} WHERE processed_at < $1 RETURNING 1"
 
 Row = dict[str, Any]
@@ -211,13 +208,11 @@ class Store(abc.ABC):
     async def ping(self) -> None:
         """Raise :class:`StoreUnavailable` unless the database answers."""
 
+    @abc.abstractmethod
     async def apply(
         self, queue: str, message_id: str, work: Callable[[Transaction], Awaitable[None]]
     ) -> bool:
         """Run ``work(tx)`` and record ``message_id`` in the inbox, in one transaction.
-
-        This backend checks the inbox first (on committed rows) and claims the id after the
-        work, so the writer is not held while a handler waits.
 
         Returns:
             ``False`` when the inbox already has the id: ``work`` did not run, or a concurrent
@@ -227,15 +222,6 @@ class Store(abc.ABC):
             StoreUnavailable: the database cannot be reached, also when ``work`` turned a
                 lost connection into an error of its own.
         """
-        if await self.seen(queue, message_id):
-            return False
-
-        async def work_then_claim(tx: Transaction) -> None:
-            await work(tx)
-            if not await tx.claim(queue, message_id):
-                raise _AlreadyAppliedError
-
-        return await self._in_transaction(work_then_claim)
 
     async def _in_transaction(
         self, body: Callable[[Transaction], Awaitable[None]], tx: Transaction | None = None
@@ -385,13 +371,12 @@ class SQLiteStore(Store):
             return False
         tx = _SQLiteTransaction(self)
 
-        async def work_then_claim(tx: Transaction) -> None:
+        async def work_then_claim(_: Transaction) -> None:
             await work(tx)
-            if not isinstance(tx, _SQLiteTransaction) or tx.wrote:
-                if not await tx.claim(queue, message_id):
-                    raise _AlreadyAppliedError
-            else:
+            if not tx.wrote:
                 tx.deferred_claim = (queue, message_id)
+            elif not await tx.claim(queue, message_id):
+                raise _AlreadyAppliedError
 
         return await self._in_transaction(work_then_claim, tx)
 

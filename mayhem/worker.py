@@ -116,7 +116,7 @@ class Workers:
                 self._settler.requeue(delivery)
 
     async def _process(self, delivery: Delivery) -> None:
-        if delivery.link.closed:
+        if delivery.stale:
             self._metrics.stale_deliveries.inc()
             return
         token = MESSAGE_ID.set(delivery.message_id)
@@ -249,7 +249,7 @@ class Workers:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=self._config.concurrency, thread_name_prefix="mayhem-handler"
             )
-        await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        await self._loop.run_in_executor(self._executor, call)
 
     def close(self) -> None:
         """Let go of the handler threads without waiting for them (a stuck one never ends)."""
