@@ -12,6 +12,7 @@ import os
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import aio_pika
@@ -417,6 +418,15 @@ async def test_nack_requeue_puts_the_message_back(amqp, queue_name, links):
 # -- refusals and failures ------------------------------------------------------------------
 
 
+async def _open_bare(
+    at: Endpoint, on_lost: Callable[[Link, BaseException | None], None] = lambda *_: None
+) -> Link:
+    """open_link with no deliveries expected (a handshake that should fail)."""
+    return await open_link(
+        at, client_properties={}, prefetch=1, on_delivery=lambda _: None, on_lost=on_lost
+    )
+
+
 async def test_wrong_password_is_refused_quickly(endpoint):
     """A wrong password is BrokerRefused (ACCESS_REFUSED), at once, not after a timeout."""
     wrong = Endpoint.from_url(
@@ -425,13 +435,7 @@ async def test_wrong_password_is_refused_quickly(endpoint):
     lost: list[BaseException | None] = []
     started = time.monotonic()
     with pytest.raises(BrokerRefused, match="ACCESS_REFUSED"):
-        await open_link(
-            wrong,
-            client_properties={},
-            prefetch=1,
-            on_delivery=lambda _: None,
-            on_lost=lambda _, exc: lost.append(exc),
-        )
+        await _open_bare(wrong, on_lost=lambda _, exc: lost.append(exc))
     assert time.monotonic() - started < 3
 
 
@@ -442,13 +446,7 @@ async def test_unknown_vhost_is_refused_with_a_clear_message(endpoint):
         f"amqp://{endpoint.username}:{endpoint.password}@{endpoint.host}:{endpoint.port}/{vhost}"
     )
     with pytest.raises(LinkLost) as raised:
-        await open_link(
-            unknown,
-            client_properties={},
-            prefetch=1,
-            on_delivery=lambda _: None,
-            on_lost=lambda *_: None,
-        )
+        await _open_bare(unknown)
     message = str(raised.value)
     assert vhost in message
     assert "NOT_ALLOWED" in message or "ACCESS_REFUSED" in message
@@ -458,13 +456,7 @@ async def test_nothing_listening_is_link_lost():
     """Nothing listening on the port: LinkLost (not BrokerRefused), with the OS's reason."""
     nowhere = Endpoint.from_url("amqp://guest:guest@127.0.0.1:1/")
     with pytest.raises(LinkLost) as raised:
-        await open_link(
-            nowhere,
-            client_properties={},
-            prefetch=1,
-            on_delivery=lambda _: None,
-            on_lost=lambda *_: None,
-        )
+        await _open_bare(nowhere)
     assert not isinstance(raised.value, BrokerRefused)
     assert str(raised.value)
 
