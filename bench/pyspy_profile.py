@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common import (
+    PG_URL,
     bench_config,
     mayhem_daemon,
     outcomes,
@@ -34,7 +35,7 @@ from common import (
     topology,
     wait_until,
 )
-from run import pg_schema
+from mayhem_testing import pg_schema
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
@@ -179,7 +180,7 @@ async def main() -> None:
 
 def contextlib_schema(db: str) -> AbstractAsyncContextManager[str | None]:
     """A fresh PostgreSQL schema for ``postgresql``; nothing (``None``) for SQLite."""
-    return pg_schema() if db == "postgresql" else contextlib.nullcontext()
+    return pg_schema(PG_URL, "bench") if db == "postgresql" else contextlib.nullcontext()
 
 
 if __name__ == "__main__":

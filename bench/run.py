@@ -36,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -59,9 +58,10 @@ from common import (
     status_kb,
     topology,
 )
+from mayhem_testing import pg_schema
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import Awaitable, Callable
 
     from mayhem_testing import DaemonProcess
 
@@ -256,25 +256,6 @@ async def follow_daemon(daemon: DaemonProcess, n: int) -> Sample:
     )
 
 
-@contextlib.asynccontextmanager
-async def pg_schema() -> AsyncIterator[str]:
-    """A fresh PostgreSQL schema, dropped afterwards; yields the daemon's db_url for it."""
-    name = f"bench_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(PG_URL)
-    try:
-        await conn.execute(f'CREATE SCHEMA "{name}"')
-    finally:
-        await conn.close()
-    try:
-        yield f"{PG_URL}?search_path={name}"
-    finally:
-        conn = await asyncpg.connect(PG_URL)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-        finally:
-            await conn.close()
-
-
 async def run_mayhem(
     args: argparse.Namespace,
     n: int,
@@ -290,7 +271,7 @@ async def run_mayhem(
     async with contextlib.AsyncExitStack() as stack:
         connection = await stack.enter_async_context(topology(config))
         if db == "postgresql":
-            db_url = await stack.enter_async_context(pg_schema())
+            db_url = await stack.enter_async_context(pg_schema(PG_URL, "bench"))
         else:
             path = args.tmp / (config.queue + ".db")
             db_url = f"sqlite:///{path}"

@@ -13,7 +13,6 @@ import uuid
 from pathlib import Path
 
 import aio_pika
-import asyncpg
 import pytest
 
 from mayhem.config import Config
@@ -69,19 +68,10 @@ def sqlite_url(tmp_path: Path) -> str:
 @pytest.fixture
 async def pg_url():
     """A PostgreSQL URL whose search_path is a schema of this test's own (dropped after)."""
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    # A connection each time: the test may have restarted PostgreSQL in between.
-    admin = await asyncpg.connect(PG_URL)
-    try:
-        await admin.execute(f"CREATE SCHEMA {schema}")
-    finally:
-        await admin.close()
-    yield f"{PG_URL}?search_path={schema}"
-    admin = await asyncpg.connect(PG_URL)
-    try:
-        await admin.execute(f"DROP SCHEMA {schema} CASCADE")
-    finally:
-        await admin.close()
+    from mayhem_testing import pg_schema  # noqa: PLC0415 -- needs sys.path set above
+
+    async with pg_schema(PG_URL, "t") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

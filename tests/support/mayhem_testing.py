@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aio_pika
 import aiosqlite
@@ -22,6 +22,9 @@ import pika
 
 from mayhem.broker import declare_topology
 from mayhem.config import Config
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
 
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 ROOT = Path(__file__).resolve().parents[2]
@@ -381,3 +384,25 @@ async def in_flight_at_least(daemon: DaemonProcess, n: int) -> bool:
     """At least ``n`` handlers of ``daemon`` are running, by its /metrics."""
     assert daemon.metrics_addr is not None
     return await metric(daemon.metrics_addr, "mayhem_messages_in_flight") >= n
+
+
+@contextlib.asynccontextmanager
+async def pg_schema(admin_url: str, prefix: str) -> AsyncIterator[str]:
+    """A fresh PostgreSQL schema, dropped afterwards; yields a db_url whose search_path is it.
+
+    A connection each time: PostgreSQL may have been restarted in between.
+    """
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'CREATE SCHEMA "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield f"{admin_url}?search_path={name}"
+    finally:
+        admin = await asyncpg.connect(admin_url)
+        try:
+            await admin.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        finally:
+            await admin.close()
