@@ -1,16 +1,9 @@
-"""The consuming connection: a lean AMQP 0-9-1 client with one channel that only consumes.
+"""The consuming connection: one AMQP connection with channel 1, which only consumes.
 
-Why not aio-pika here: on the hot path aio-pika (over aiormq) reads every frame with three
-``readexactly`` calls under a lock, passes it through two queues, and creates two tasks and an
-``IncomingMessage`` per delivery; that alone costs more CPU per message than mayhem's whole
-budget (``bench/RESULTS.md``). This module reads frames straight from the transport's buffer,
-hands each delivery to a plain callback, and writes acks without awaiting. Frames are decoded
-and encoded by pamqp, the codec aiormq itself uses; only ``basic.deliver`` and ``basic.ack``,
-two fixed layouts on the hot path, are packed by hand.
-
-Everything else on the broker (topology, publishing with confirms, the dead-letter tools)
-stays on aio-pika, in :mod:`mayhem.broker`. Reconnecting is the consumer's job
-(:mod:`mayhem.consumer`): a :class:`Link` is one connection, closed for good once lost.
+A :class:`Link` is an :class:`asyncio.Protocol`: it reads frames straight from the transport's
+buffer, hands each delivery to a plain callback, and writes acks without awaiting. It is one
+connection, closed for good once lost; reconnecting is the consumer's job
+(:mod:`mayhem.consumer`).
 """
 
 from __future__ import annotations
@@ -21,260 +14,37 @@ import ssl
 import struct
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, cast
-from urllib.parse import parse_qs, unquote, urlsplit
 
-import attrs
-from pamqp import commands, constants, decode, frame
+from pamqp import commands, constants, frame
 from pamqp.exceptions import PAMQPException
 
+from mayhem.amqp.delivery import Delivery, Properties
+from mayhem.amqp.framing import (
+    ACK,
+    ACK_INDEX,
+    DELIVER_INDEX,
+    FRAME_END_BYTE,
+    FRAME_HEAD,
+    FRAME_MIN,
+    HEARTBEAT_FRAME,
+    decode_content_header,
+    short_string,
+)
 from mayhem.exceptions import BrokerRefused, LinkLost
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
-    from datetime import datetime
+
+    from mayhem.amqp.url import Endpoint
 
 log = logging.getLogger(__name__)
 
 CHANNEL: Final = 1
 FRAME_MAX: Final = 131_072
-DEFAULT_HEARTBEAT: Final = 60
 CONNECT_TIMEOUT: Final = 10.0
 REPLY_TIMEOUT: Final = 10.0
-_FRAME_HEAD: Final = struct.Struct(">BHI")  # type, channel, size; then payload and 0xCE
-_FRAME_MIN: Final = 8
-_DELIVER_INDEX: Final = 0x003C003C  # basic.deliver: class 60, method 60
-_ACK: Final = struct.Struct(">BHIIQBB")  # method frame, basic.ack, tag, multiple, 0xCE
-_ACK_INDEX: Final = 0x003C0050
-_FRAME_END: Final = bytes((constants.FRAME_END,))
-_HEARTBEAT_FRAME: Final = _FRAME_HEAD.pack(constants.FRAME_HEARTBEAT, 0, 0) + _FRAME_END
 _ACCESS_REFUSED: Final = 403
 _CLOSED: Final = "the consuming connection is closed"
-
-
-@attrs.frozen
-class Endpoint:
-    """Where and as whom to connect, from an ``amqp://`` or ``amqps://`` URL.
-
-    Attributes:
-        host: the broker's host.
-        port: its port (5672, or 5671 for amqps).
-        tls: connect with TLS (``amqps``).
-        vhost: the virtual host (``/`` when the URL has no path).
-        username: PLAIN user name.
-        password: PLAIN password.
-        heartbeat: the heartbeat we ask for (``?heartbeat=`` in the URL), seconds; 0 is off.
-    """
-
-    host: str
-    port: int
-    tls: bool
-    vhost: str
-    username: str
-    password: str
-    heartbeat: int = DEFAULT_HEARTBEAT
-
-    @classmethod
-    def from_url(cls, url: str) -> Endpoint:
-        """Parse the URL as aio-pika does: percent-decoded parts, ``guest`` by default."""
-        parts = urlsplit(url)
-        tls = parts.scheme == "amqps"
-        path = parts.path.removeprefix("/")
-        query = parse_qs(parts.query)
-        heartbeat = query.get("heartbeat", [str(DEFAULT_HEARTBEAT)])[0]
-        return cls(
-            host=parts.hostname or "localhost",
-            port=parts.port or (5671 if tls else 5672),
-            tls=tls,
-            vhost=unquote(path) or "/",
-            username=unquote(parts.username or "guest"),
-            password=unquote(parts.password or "guest"),
-            heartbeat=int(heartbeat) if heartbeat.isdigit() else DEFAULT_HEARTBEAT,
-        )
-
-
-class Delivery:
-    """One ``basic.deliver`` with its properties and body, tied to the link it came on.
-
-    Its tag means something only on that link: once the link is closed the broker has
-    requeued the message, and the delivery is stale.
-    """
-
-    __slots__ = ("body", "delivery_tag", "exchange", "link", "properties", "redelivered",
-                 "routing_key")  # fmt: skip
-
-    def __init__(  # noqa: PLR0917 -- built positionally, once per message
-        self,
-        link: Link,
-        delivery_tag: int,
-        redelivered: bool,
-        exchange: str,
-        routing_key: str,
-        properties: Properties,
-        body: bytes,
-    ) -> None:
-        self.link = link
-        self.delivery_tag = delivery_tag
-        self.redelivered = redelivered
-        self.exchange = exchange
-        self.routing_key = routing_key
-        self.properties = properties
-        self.body = body
-
-    @property
-    def stale(self) -> bool:
-        """The link it came on is closed: its tag is void, the broker redelivers it."""
-        return self.link.closed
-
-    @property
-    def malformed(self) -> str | None:
-        """What in its properties could not be decoded, if anything."""
-        return self.properties.malformed
-
-    @property
-    def message_id(self) -> str | None:
-        """The ``message_id`` property."""
-        return self.properties.message_id
-
-    @property
-    def headers(self) -> dict[str, Any]:
-        """The ``headers`` property (empty when absent)."""
-        return self.properties.headers or {}
-
-    @property
-    def content_type(self) -> str | None:
-        """The ``content_type`` property."""
-        return self.properties.content_type
-
-    @property
-    def content_encoding(self) -> str | None:
-        """The ``content_encoding`` property."""
-        return self.properties.content_encoding
-
-    @property
-    def correlation_id(self) -> str | None:
-        """The ``correlation_id`` property."""
-        return self.properties.correlation_id
-
-    @property
-    def timestamp(self) -> datetime | None:
-        """The ``timestamp`` property."""
-        return self.properties.timestamp
-
-    @property
-    def type(self) -> str | None:
-        """The ``type`` property (pamqp's ``message_type``)."""
-        return self.properties.message_type
-
-    @property
-    def app_id(self) -> str | None:
-        """The ``app_id`` property."""
-        return self.properties.app_id
-
-
-def _short_string(data: bytes, offset: int) -> tuple[str, int]:
-    size = data[offset]
-    end = offset + 1 + size
-    return data[offset + 1 : end].decode("utf-8", "replace"), end
-
-
-class Properties:
-    """A delivery's AMQP basic properties; ``None`` where absent.
-
-    ``malformed`` says what could not be decoded (a short string that is not UTF-8, a
-    headers table pamqp refuses, a timestamp out of range): such a delivery is dead-lettered,
-    never allowed to break the connection over and over.
-    """
-
-    content_type: str | None = None
-    content_encoding: str | None = None
-    headers: dict[str, Any] | None = None
-    delivery_mode: int | None = None
-    priority: int | None = None
-    correlation_id: str | None = None
-    reply_to: str | None = None
-    expiration: str | None = None
-    message_id: str | None = None
-    timestamp: datetime | None = None
-    message_type: str | None = None
-    user_id: str | None = None
-    app_id: str | None = None
-    cluster_id: str | None = None
-    malformed: str | None = None
-
-
-# The basic properties in wire order, by flag bit (15 first), with their kind.
-_SHORT, _OCTET, _TABLE, _TIMESTAMP = range(4)
-_PROPERTIES: Final = (
-    (1 << 15, "content_type", _SHORT),
-    (1 << 14, "content_encoding", _SHORT),
-    (1 << 13, "headers", _TABLE),
-    (1 << 12, "delivery_mode", _OCTET),
-    (1 << 11, "priority", _OCTET),
-    (1 << 10, "correlation_id", _SHORT),
-    (1 << 9, "reply_to", _SHORT),
-    (1 << 8, "expiration", _SHORT),
-    (1 << 7, "message_id", _SHORT),
-    (1 << 6, "timestamp", _TIMESTAMP),
-    (1 << 5, "message_type", _SHORT),
-    (1 << 4, "user_id", _SHORT),
-    (1 << 3, "app_id", _SHORT),
-    (1 << 2, "cluster_id", _SHORT),
-)
-_CONTENT_HEADER: Final = struct.Struct(">HHQH")  # class, weight, body size, property flags
-
-
-def decode_content_header(data: bytes) -> tuple[int, Properties]:
-    """The body size and properties of a content header frame's payload.
-
-    Raises:
-        ValueError: the frame is cut short (a protocol error: the connection is dropped).
-    """
-    _, _, body_size, flags = _CONTENT_HEADER.unpack_from(data)
-    properties = Properties()
-    offset = _CONTENT_HEADER.size
-    for bit, name, kind in _PROPERTIES:
-        if flags & bit:
-            if offset >= len(data):
-                msg = "content header cut short"
-                raise ValueError(msg)
-            value, offset = _decode_property(data, offset, name, kind, properties)
-            if offset > len(data):
-                msg = "content header cut short"
-                raise ValueError(msg)
-            setattr(properties, name, value)
-    return body_size, properties
-
-
-def _decode_property(
-    data: bytes, offset: int, name: str, kind: int, properties: Properties
-) -> tuple[Any, int]:
-    """One property's value and where the next begins; notes what cannot be decoded."""
-    value: Any
-    if kind == _SHORT:
-        end = offset + 1 + data[offset]
-        raw = data[offset + 1 : end]
-        try:
-            value = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            properties.malformed = f"property {name} is not valid UTF-8"
-            value = raw.decode("utf-8", "replace")
-    elif kind == _OCTET:
-        value, end = data[offset], offset + 1
-    elif kind == _TABLE:
-        end = offset + 4 + int.from_bytes(data[offset : offset + 4])
-        try:
-            value = decode.field_table(data[offset:end])[1]
-        except (ValueError, UnicodeDecodeError, struct.error) as exc:
-            properties.malformed = f"headers cannot be decoded: {exc}"
-            value = {}
-    else:
-        end = offset + 8
-        try:
-            value = decode.timestamp(data[offset:end])[1]
-        except (ValueError, OverflowError, OSError):
-            properties.malformed = "timestamp out of range"
-            value = None
-    return value, end
 
 
 class Link(asyncio.Protocol):
@@ -323,8 +93,8 @@ class Link(asyncio.Protocol):
         self._last_received = self._loop.time()
         offset, size = 0, len(buffer)
         try:
-            while size - offset >= _FRAME_MIN:
-                kind, channel, length = _FRAME_HEAD.unpack_from(buffer, offset)
+            while size - offset >= FRAME_MIN:
+                kind, channel, length = FRAME_HEAD.unpack_from(buffer, offset)
                 end = offset + 7 + length
                 if end >= size:
                     break
@@ -360,17 +130,17 @@ class Link(asyncio.Protocol):
     # -- frames ------------------------------------------------------------------------------
 
     def _on_method(self, channel: int, data: bytes) -> None:
-        if int.from_bytes(data[:4]) == _DELIVER_INDEX:
+        if int.from_bytes(data[:4]) == DELIVER_INDEX:
             # consumer tag, delivery tag, redelivered, exchange, routing key
-            _, offset = _short_string(data, 4)
+            _, offset = short_string(data, 4)
             tag = int.from_bytes(data[offset : offset + 8])
             redelivered = bool(data[offset + 8] & 1)
-            exchange, offset = _short_string(data, offset + 9)
-            routing_key, _ = _short_string(data, offset)
+            exchange, offset = short_string(data, offset + 9)
+            routing_key, _ = short_string(data, offset)
             self._deliver = (tag, redelivered, exchange, routing_key)
             return
         _, _, method = frame.unmarshal(
-            _FRAME_HEAD.pack(constants.FRAME_METHOD, channel, len(data)) + data + _FRAME_END
+            FRAME_HEAD.pack(constants.FRAME_METHOD, channel, len(data)) + data + FRAME_END_BYTE
         )
         match method:
             case commands.Connection.Close():
@@ -441,10 +211,10 @@ class Link(asyncio.Protocol):
         """
         if self.closed or self._transport is None:
             raise LinkLost(_CLOSED)
-        pack, method, end = _ACK.pack, constants.FRAME_METHOD, constants.FRAME_END
-        frames = [pack(method, CHANNEL, 13, _ACK_INDEX, tag, 0, end) for tag in singles]
+        pack, method, end = ACK.pack, constants.FRAME_METHOD, constants.FRAME_END
+        frames = [pack(method, CHANNEL, 13, ACK_INDEX, tag, 0, end) for tag in singles]
         if multiple_up_to:
-            frames.append(pack(method, CHANNEL, 13, _ACK_INDEX, multiple_up_to, 1, end))
+            frames.append(pack(method, CHANNEL, 13, ACK_INDEX, multiple_up_to, 1, end))
         self._transport.write(b"".join(frames))
 
     def nack(self, tag: int, *, requeue: bool = True) -> None:
@@ -596,7 +366,7 @@ class Link(asyncio.Protocol):
             self._fail(LinkLost(f"no frame from the broker in {silence:.0f} s (heartbeat)"))
             return
         if self._transport is not None:
-            self._transport.write(_HEARTBEAT_FRAME)
+            self._transport.write(HEARTBEAT_FRAME)
         self._heartbeat_timer = self._loop.call_later(self._heartbeat / 2, self._beat)
 
     def _fail(self, exc: BaseException, *, answered: bool = False) -> None:

@@ -1,0 +1,22 @@
+"""mayhem's own consuming AMQP 0-9-1 client: lean, for the hot path only.
+
+Why not aio-pika here: on the hot path aio-pika (over aiormq) reads every frame with three
+``readexactly`` calls under a lock, passes it through two queues, and creates two tasks and an
+``IncomingMessage`` per delivery; that alone costs more CPU per message than mayhem's whole
+budget (``bench/RESULTS.md``, ``docs/adr/0001-own-consuming-client.md``).
+
+- :mod:`mayhem.amqp.url`: the broker URL, parsed once (:class:`Endpoint`);
+- :mod:`mayhem.amqp.framing`: frame layouts and content-header decoding;
+- :mod:`mayhem.amqp.delivery`: what is handed on (:class:`Delivery`, :class:`Properties`);
+- :mod:`mayhem.amqp.link`: the connection itself (:class:`Link`, :func:`open_link`).
+
+Everything else on the broker (topology, publishing with confirms, the dead-letter tools)
+stays on aio-pika, in :mod:`mayhem.broker`.
+"""
+
+from mayhem.amqp.delivery import Delivery, Properties
+from mayhem.amqp.framing import decode_content_header
+from mayhem.amqp.link import Link, open_link
+from mayhem.amqp.url import Endpoint
+
+__all__ = ["Delivery", "Endpoint", "Link", "Properties", "decode_content_header", "open_link"]

@@ -1,0 +1,114 @@
+"""What the consuming connection hands on: a delivery, with its decoded basic properties."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from mayhem.amqp.link import Link
+
+
+class Delivery:
+    """One ``basic.deliver`` with its properties and body, tied to the link it came on.
+
+    Its tag means something only on that link: once the link is closed the broker has
+    requeued the message, and the delivery is stale.
+    """
+
+    __slots__ = ("body", "delivery_tag", "exchange", "link", "properties", "redelivered",
+                 "routing_key")  # fmt: skip
+
+    def __init__(  # noqa: PLR0917 -- built positionally, once per message
+        self,
+        link: Link,
+        delivery_tag: int,
+        redelivered: bool,
+        exchange: str,
+        routing_key: str,
+        properties: Properties,
+        body: bytes,
+    ) -> None:
+        self.link = link
+        self.delivery_tag = delivery_tag
+        self.redelivered = redelivered
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.properties = properties
+        self.body = body
+
+    @property
+    def stale(self) -> bool:
+        """The link it came on is closed: its tag is void, the broker redelivers it."""
+        return self.link.closed
+
+    @property
+    def malformed(self) -> str | None:
+        """What in its properties could not be decoded, if anything."""
+        return self.properties.malformed
+
+    @property
+    def message_id(self) -> str | None:
+        """The ``message_id`` property."""
+        return self.properties.message_id
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        """The ``headers`` property (empty when absent)."""
+        return self.properties.headers or {}
+
+    @property
+    def content_type(self) -> str | None:
+        """The ``content_type`` property."""
+        return self.properties.content_type
+
+    @property
+    def content_encoding(self) -> str | None:
+        """The ``content_encoding`` property."""
+        return self.properties.content_encoding
+
+    @property
+    def correlation_id(self) -> str | None:
+        """The ``correlation_id`` property."""
+        return self.properties.correlation_id
+
+    @property
+    def timestamp(self) -> datetime | None:
+        """The ``timestamp`` property."""
+        return self.properties.timestamp
+
+    @property
+    def type(self) -> str | None:
+        """The ``type`` property (pamqp's ``message_type``)."""
+        return self.properties.message_type
+
+    @property
+    def app_id(self) -> str | None:
+        """The ``app_id`` property."""
+        return self.properties.app_id
+
+
+class Properties:
+    """A delivery's AMQP basic properties; ``None`` where absent.
+
+    ``malformed`` says what could not be decoded (a short string that is not UTF-8, a
+    headers table pamqp refuses, a timestamp out of range): such a delivery is dead-lettered,
+    never allowed to break the connection over and over.
+    """
+
+    content_type: str | None = None
+    content_encoding: str | None = None
+    headers: dict[str, Any] | None = None
+    delivery_mode: int | None = None
+    priority: int | None = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    expiration: str | None = None
+    message_id: str | None = None
+    timestamp: datetime | None = None
+    message_type: str | None = None
+    user_id: str | None = None
+    app_id: str | None = None
+    cluster_id: str | None = None
+    malformed: str | None = None

@@ -1,0 +1,105 @@
+"""AMQP 0-9-1 framing for the consuming connection: frame layouts and content-header decoding.
+
+Frames are decoded and encoded by pamqp, the codec aiormq itself uses; only ``basic.deliver``
+and ``basic.ack``, two fixed layouts on the hot path, and the content header (decoded in one
+pass) are handled here by hand.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Final
+
+from pamqp import constants, decode
+
+from mayhem.amqp.delivery import Properties
+
+FRAME_HEAD: Final = struct.Struct(">BHI")  # type, channel, size; then payload and 0xCE
+FRAME_MIN: Final = 8
+DELIVER_INDEX: Final = 0x003C003C  # basic.deliver: class 60, method 60
+ACK: Final = struct.Struct(">BHIIQBB")  # method frame, basic.ack, tag, multiple, 0xCE
+ACK_INDEX: Final = 0x003C0050
+FRAME_END_BYTE: Final = bytes((constants.FRAME_END,))
+HEARTBEAT_FRAME: Final = FRAME_HEAD.pack(constants.FRAME_HEARTBEAT, 0, 0) + FRAME_END_BYTE
+
+
+def short_string(data: bytes, offset: int) -> tuple[str, int]:
+    """A short string at ``offset`` (undecodable bytes replaced) and where it ends."""
+    size = data[offset]
+    end = offset + 1 + size
+    return data[offset + 1 : end].decode("utf-8", "replace"), end
+
+
+# The basic properties in wire order, by flag bit (15 first), with their kind.
+_SHORT, _OCTET, _TABLE, _TIMESTAMP = range(4)
+_PROPERTIES: Final = (
+    (1 << 15, "content_type", _SHORT),
+    (1 << 14, "content_encoding", _SHORT),
+    (1 << 13, "headers", _TABLE),
+    (1 << 12, "delivery_mode", _OCTET),
+    (1 << 11, "priority", _OCTET),
+    (1 << 10, "correlation_id", _SHORT),
+    (1 << 9, "reply_to", _SHORT),
+    (1 << 8, "expiration", _SHORT),
+    (1 << 7, "message_id", _SHORT),
+    (1 << 6, "timestamp", _TIMESTAMP),
+    (1 << 5, "message_type", _SHORT),
+    (1 << 4, "user_id", _SHORT),
+    (1 << 3, "app_id", _SHORT),
+    (1 << 2, "cluster_id", _SHORT),
+)
+_CONTENT_HEADER: Final = struct.Struct(">HHQH")  # class, weight, body size, property flags
+
+
+def decode_content_header(data: bytes) -> tuple[int, Properties]:
+    """The body size and properties of a content header frame's payload.
+
+    Raises:
+        ValueError: the frame is cut short (a protocol error: the connection is dropped).
+    """
+    _, _, body_size, flags = _CONTENT_HEADER.unpack_from(data)
+    properties = Properties()
+    offset = _CONTENT_HEADER.size
+    for bit, name, kind in _PROPERTIES:
+        if flags & bit:
+            if offset >= len(data):
+                msg = "content header cut short"
+                raise ValueError(msg)
+            value, offset = _decode_property(data, offset, name, kind, properties)
+            if offset > len(data):
+                msg = "content header cut short"
+                raise ValueError(msg)
+            setattr(properties, name, value)
+    return body_size, properties
+
+
+def _decode_property(
+    data: bytes, offset: int, name: str, kind: int, properties: Properties
+) -> tuple[Any, int]:
+    """One property's value and where the next begins; notes what cannot be decoded."""
+    value: Any
+    if kind == _SHORT:
+        end = offset + 1 + data[offset]
+        raw = data[offset + 1 : end]
+        try:
+            value = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            properties.malformed = f"property {name} is not valid UTF-8"
+            value = raw.decode("utf-8", "replace")
+    elif kind == _OCTET:
+        value, end = data[offset], offset + 1
+    elif kind == _TABLE:
+        end = offset + 4 + int.from_bytes(data[offset : offset + 4])
+        try:
+            value = decode.field_table(data[offset:end])[1]
+        except (ValueError, UnicodeDecodeError, struct.error) as exc:
+            properties.malformed = f"headers cannot be decoded: {exc}"
+            value = {}
+    else:
+        end = offset + 8
+        try:
+            value = decode.timestamp(data[offset:end])[1]
+        except (ValueError, OverflowError, OSError):
+            properties.malformed = "timestamp out of range"
+            value = None
+    return value, end

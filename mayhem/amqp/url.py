@@ -1,0 +1,51 @@
+"""Where and as whom the consuming connection connects: the broker URL, parsed once."""
+
+from __future__ import annotations
+
+from typing import Final
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import attrs
+
+DEFAULT_HEARTBEAT: Final = 60
+
+
+@attrs.frozen
+class Endpoint:
+    """Where and as whom to connect, from an ``amqp://`` or ``amqps://`` URL.
+
+    Attributes:
+        host: the broker's host.
+        port: its port (5672, or 5671 for amqps).
+        tls: connect with TLS (``amqps``).
+        vhost: the virtual host (``/`` when the URL has no path).
+        username: PLAIN user name.
+        password: PLAIN password.
+        heartbeat: the heartbeat we ask for (``?heartbeat=`` in the URL), seconds; 0 is off.
+    """
+
+    host: str
+    port: int
+    tls: bool
+    vhost: str
+    username: str
+    password: str
+    heartbeat: int = DEFAULT_HEARTBEAT
+
+    @classmethod
+    def from_url(cls, url: str) -> Endpoint:
+        """Parse the URL as aio-pika does: percent-decoded parts, ``guest`` by default."""
+        parts = urlsplit(url)
+        tls = parts.scheme == "amqps"
+        path = parts.path.removeprefix("/")
+        query = parse_qs(parts.query)
+        heartbeat = query.get("heartbeat", [str(DEFAULT_HEARTBEAT)])[0]
+        return cls(
+            host=parts.hostname or "localhost",
+            port=parts.port or (5671 if tls else 5672),
+            tls=tls,
+            vhost=unquote(path) or "/",
+            username=unquote(parts.username or "guest"),
+            password=unquote(parts.password or "guest"),
+            heartbeat=int(heartbeat) if heartbeat.isdigit() else DEFAULT_HEARTBEAT,
+        )
