@@ -8,17 +8,15 @@ PostgreSQL schema (dropped afterwards). Nothing is mocked: the broker is RabbitM
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from pathlib import Path
 
 import aio_pika
 import pytest
+from mayhem_testing import DaemonProcess, pg_schema
 
 from mayhem.config import Config
 from mayhem.retry import retry_queue, retry_tiers
-
-sys.path.insert(0, str(Path(__file__).parent / "support"))
 
 AMQP_URL = os.environ.get("MAYHEM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 # The delay queues each test's configurations declare, deleted with the test's queue.
@@ -68,8 +66,6 @@ def sqlite_url(tmp_path: Path) -> str:
 @pytest.fixture
 async def pg_url():
     """A PostgreSQL URL whose search_path is a schema of this test's own (dropped after)."""
-    from mayhem_testing import pg_schema  # noqa: PLC0415 -- needs sys.path set above
-
     async with pg_schema(PG_URL, "t") as url:
         yield url
 
@@ -109,8 +105,6 @@ def make_config(amqp_url: str, queue_name: str, sqlite_url: str):
 @pytest.fixture
 async def spawn():
     """Start ``mayhem run`` processes; kill any left at the end and print their logs."""
-    from mayhem_testing import DaemonProcess  # noqa: PLC0415 -- needs sys.path set above
-
     started: list[DaemonProcess] = []
 
     def make(args: list[str], env: dict[str, str] | None = None) -> DaemonProcess:
