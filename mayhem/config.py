@@ -273,7 +273,7 @@ class Config:
     missing_id: str = setting(
         "dead-letter",
         parse=_parse_choice("dead-letter", "content-hash"),
-        doc="a message without a message_id: dead-letter, or content-hash (its body's hash)",
+        doc="a message without a message_id: dead-letter, or content-hash (the body's hash)",
     )
     db_url: str = setting(
         "sqlite:///mayhem.db",
