@@ -6,6 +6,9 @@ A setting is an attrs field made with :func:`setting`. Its name is the TOML key;
 the value is a secret (masked wherever it is shown, readable from a systemd credential) or is
 applied by SIGHUP without a restart. Everything else (the command line, ``--help``, masking,
 the credentials, the reload set) reads these declarations instead of keeping its own list.
+
+:func:`gather` collects each setting's raw value from its highest source (the TOML file,
+systemd credentials, ``MAYHEM_*`` variables, flags); the configuration class parses them.
 """
 
 from __future__ import annotations
@@ -114,7 +117,10 @@ def named(_cls: type, fields: list[attrs.Attribute[Any]]) -> list[attrs.Attribut
     """
     complete = []
     for field in fields:
-        declared = field.metadata[_DECLARED]
+        declared = field.metadata.get(_DECLARED)
+        if declared is None:
+            msg = f"field {field.name} is not declared with setting()"
+            raise TypeError(msg)
         computed = isinstance(field.default, attrs.Factory)  # type: ignore[arg-type]
         if computed and declared["default_text"] is None:
             msg = f"setting {field.name}: a computed default needs default_text"
