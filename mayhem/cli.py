@@ -13,14 +13,16 @@ import logging
 import math
 import os
 import sys
+import textwrap
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar
 
 from mayhem import logs
 from mayhem._version import __version__
-from mayhem.config import Config, mask_url
+from mayhem.config import SETTINGS, Config, mask_url, show
 from mayhem.exceptions import ConfigError, StartupError
+from mayhem.setting import DAEMON, ENV_PREFIX, Setting
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -32,6 +34,7 @@ EXIT_OK: Final = 0
 EXIT_FATAL: Final = 1
 EXIT_USAGE: Final = 2
 THREAD_GRACE: Final = 0.5
+EPILOG_WIDTH: Final = 78
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,52 +44,72 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\nTry '{self.prog} --help'.\n")
 
 
-# (flag, setting, help); every value is a string here, converted and checked by Config.
-_CONNECTION_FLAGS: Final = (
-    ("--amqp-url", "amqp_url", "broker URL (default amqp://guest:guest@localhost:5672/)"),
-    ("--queue", "queue", "work queue name (default mayhem)"),
-    ("--exchange", "exchange", "exchange name (default mayhem)"),
-)
-_RUN_FLAGS: Final = (
-    ("--handler", "handler", "handler as package.module:attribute (default: the demo handler)"),
-    ("--concurrency", "concurrency", "handlers running at once (default 16)"),
-    ("--prefetch", "prefetch", "broker prefetch window (default 2 x concurrency)"),
-    ("--db-url", "db_url", "sqlite:///file.db or postgresql://user@host/db"),
-    ("--metrics-addr", "metrics_addr", "HOST:PORT for /metrics, /healthz, /readyz, or off"),
-    ("--drain-timeout", "drain_timeout", "seconds to wait for handlers on shutdown (default 30)"),
-    ("--max-attempts", "max_attempts", "attempts before a message is dead-lettered (default 5)"),
-    ("--retry-delays", "retry_delays", "comma-separated seconds between attempts"),
-    ("--handler-timeout", "handler_timeout", "seconds before a handler is cancelled"),
-    ("--max-message-bytes", "max_message_bytes", "larger bodies are dead-lettered"),
-    ("--queue-type", "queue_type", "quorum or classic (default quorum)"),
-    ("--metrics-textfile", "metrics_textfile", "write final metrics here on shutdown"),
-    ("--pushgateway", "pushgateway", "push final metrics to this Pushgateway on shutdown"),
-    ("--loop", "loop", "uvloop or asyncio (default uvloop)"),
-    ("--log-format", "log_format", "json or text (default: text on a terminal)"),
-    ("--log-level", "log_level", "DEBUG, INFO, WARNING or ERROR (default INFO)"),
-)
+def _words(value: object) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
-def _add_flags(parser: argparse.ArgumentParser, flags: Sequence[tuple[str, str, str]]) -> None:
-    for flag, dest, text in flags:
-        parser.add_argument(flag, dest=dest, default=None, metavar=dest.upper(), help=text)
+def setting_help(each: Setting) -> str:
+    """A setting's help: what it does, its default (a secret's masked) and its variable."""
+    default = each.default_text or _words(show(each, each.default))
+    return f"{each.doc} (default: {default}; env: {each.env})"
+
+
+def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
+    """Add ``--config`` and a flag for each setting that ``command`` offers.
+
+    Every value stays a string here (``None`` when not given); Config converts and checks it.
+    Settings without a flag for the command are listed after the options.
+    """
+    parser.add_argument("--config", help=f"TOML configuration file (env: {ENV_PREFIX}CONFIG)")
+    unflagged = []
+    for each in SETTINGS.values():
+        if command not in each.commands:
+            unflagged.append(each)
+            continue
+        # argparse %-formats help text; a default may hold a '%' (a URL's %2f).
+        text = setting_help(each).replace("%", "%%")
+        if each.switch:
+            parser.add_argument(
+                each.flag, dest=each.name, action="store_true", default=None, help=text
+            )
+        else:
+            parser.add_argument(
+                each.flag, dest=each.name, default=None, metavar=each.name.upper(), help=text
+            )
+    if command in DAEMON:
+        lines = [
+            textwrap.fill(
+                f"{each.name}: {setting_help(each)}",
+                width=EPILOG_WIDTH,
+                initial_indent="  ",
+                subsequent_indent="    ",
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
+            for each in unflagged
+        ]
+        title = "settings without a flag (set them in the file or the environment):"
+        parser.epilog = "\n".join([title, *lines])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``mayhem`` argument parser."""
+    """The ``mayhem`` argument parser, its setting flags derived from the declarations."""
     parser = _Parser(prog="mayhem", description="A RabbitMQ consumer daemon that loses nothing.")
     parser.add_argument("--version", action="version", version=f"mayhem {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    raw = argparse.RawDescriptionHelpFormatter  # keeps the epilog's one line per setting
 
-    run = commands.add_parser("run", help="run the daemon in the foreground")
-    run.add_argument("--config", help="TOML configuration file")
-    _add_flags(run, _CONNECTION_FLAGS + _RUN_FLAGS)
-    run.add_argument("--demo", action="store_true", default=None, help="also publish demo messages")
+    run = commands.add_parser("run", help="run the daemon in the foreground", formatter_class=raw)
+    _add_settings(run, "run")
 
     publish = commands.add_parser("publish", help="publish messages with publisher confirms")
-    publish.add_argument("--config", help="TOML configuration file")
-    _add_flags(publish, _CONNECTION_FLAGS)
-    _add_flags(publish, [f for f in _RUN_FLAGS if f[1] in {"log_format", "log_level", "loop"}])
+    _add_settings(publish, "publish")
     publish.add_argument("--count", default="10", help="demo messages to publish (default 10)")
     publish.add_argument("--rate", default=None, help="messages per second (default: no limit)")
     publish.add_argument(
@@ -105,25 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
         which = action.add_mutually_exclusive_group(required=True)
         which.add_argument("--id", action="append", dest="ids", help="a message_id (repeatable)")
         which.add_argument("--all", action="store_true", help="every message in the queue")
-    for action in (listing, *actions.choices.values()):
-        if not any(a.dest == "amqp_url" for a in action._actions):  # noqa: SLF001
-            action.add_argument("--config", help="TOML configuration file")
-            _add_flags(action, _CONNECTION_FLAGS)
-            _add_flags(action, [f for f in _RUN_FLAGS if f[1] in {"log_format", "log_level"}])
+    for action in actions.choices.values():
+        _add_settings(action, "dead")
 
-    check = commands.add_parser("check-config", help="validate and print the configuration")
-    check.add_argument("--config", help="TOML configuration file")
-    _add_flags(check, _CONNECTION_FLAGS + _RUN_FLAGS)
+    check = commands.add_parser(
+        "check-config", help="validate and print the configuration", formatter_class=raw
+    )
+    _add_settings(check, "check-config")
     return parser
 
 
-_NOT_SETTINGS: Final = frozenset(
-    {"command", "config", "count", "rate", "file", "action", "limit", "ids", "all"}
-)
-
-
 def _flags(args: argparse.Namespace) -> dict[str, object]:
-    return {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and v is not None}
+    """The settings given as flags, by name."""
+    given = {key: getattr(args, key, None) for key in SETTINGS}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:

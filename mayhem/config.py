@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import math
 import os
-import tomllib
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 import attrs
 
 from mayhem.exceptions import ConfigError
+from mayhem.setting import (
+    DAEMON,
+    EVERY_COMMAND,
+    Setting,
+    gather,
+    named,
+    setting,
+    settings_of,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-ENV_PREFIX: Final = "MAYHEM_"
 # RabbitMQ closes a channel whose delivery stays unacked past consumer_timeout (30 min by
 # default); a handler must be cancelled well before that.
 CONSUMER_TIMEOUT: Final = 1800.0
@@ -187,35 +193,150 @@ def _default_log_format() -> str:
     return "text" if os.isatty(2) else "json"
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen(kw_only=True, field_transformer=named)
 class Config:
-    """The daemon's effective configuration. Build it with :meth:`Config.load`."""
+    """The daemon's effective configuration. Build it with :meth:`Config.load`.
 
-    amqp_url: str = "amqp://guest:guest@localhost:5672/"
-    queue: str = "mayhem"
-    exchange: str = "mayhem"
-    queue_type: str = "quorum"
-    declare: bool = True
-    handler: str | None = None
-    concurrency: int = 16
-    prefetch: int | None = None
-    drain_timeout: float = 30.0
-    handler_timeout: float = 300.0
-    max_attempts: int = 5
-    retry_delays: tuple[float, ...] | None = None
-    max_message_bytes: int = 1024 * 1024
-    missing_id: str = "dead-letter"
-    db_url: str = "sqlite:///mayhem.db"
-    inbox_retention: float = 7 * 86400.0
-    metrics_addr: str | None = "127.0.0.1:9464"
-    metrics_textfile: str | None = None
-    pushgateway: str | None = None
-    log_format: str = attrs.field(factory=_default_log_format)
-    log_level: str = "INFO"
-    loop: str = "uvloop"
-    demo: bool = False
-    demo_rate: float = 20.0
-    demo_max_delay: float = 0.5
+    Each field is a setting, declared once with :func:`~mayhem.setting.setting`: its TOML key,
+    ``MAYHEM_*`` variable, flag, parser, help, masking and reloading all come from here.
+    """
+
+    amqp_url: str = setting(
+        "amqp://guest:guest@localhost:5672/",
+        parse=_parse_amqp_url,
+        doc="broker URL",
+        commands=EVERY_COMMAND,
+        secret=True,
+    )
+    queue: str = setting("mayhem", parse=_parse_name, doc="work queue name", commands=EVERY_COMMAND)
+    exchange: str = setting(
+        "mayhem", parse=_parse_name, doc="exchange name", commands=EVERY_COMMAND
+    )
+    queue_type: str = setting(
+        "quorum", parse=_parse_choice("quorum", "classic"), doc="quorum or classic", commands=DAEMON
+    )
+    declare: bool = setting(
+        default=True, parse=_parse_bool, doc="declare the queues and exchange at start"
+    )
+    handler: str | None = setting(
+        None,
+        parse=_parse_handler,
+        doc="handler as package.module:attribute",
+        commands=DAEMON,
+        default_text="the demo handler",
+    )
+    concurrency: int = setting(
+        16,
+        parse=_parse_int(1, 4096),
+        doc="handlers running at once",
+        commands=DAEMON,
+        reloadable=True,
+    )
+    prefetch: int | None = setting(
+        None,
+        parse=_parse_int(1, 65535),
+        doc="broker prefetch window",
+        commands=DAEMON,
+        default_text="2 x concurrency",
+    )
+    drain_timeout: float = setting(
+        30.0,
+        parse=_parse_float(0.0, 3600.0),
+        doc="seconds to wait for handlers on shutdown",
+        commands=DAEMON,
+    )
+    handler_timeout: float = setting(
+        300.0,
+        parse=_parse_float(0.001, 86400.0),
+        doc="seconds before a handler is cancelled",
+        commands=DAEMON,
+    )
+    max_attempts: int = setting(
+        5,
+        parse=_parse_int(1, 100),
+        doc="attempts before a message is dead-lettered",
+        commands=DAEMON,
+    )
+    retry_delays: tuple[float, ...] | None = setting(
+        None,
+        parse=_parse_delays,
+        doc="comma-separated seconds between attempts",
+        commands=DAEMON,
+        default_text="1 s doubling up to 300 s, one per retry",
+    )
+    max_message_bytes: int = setting(
+        1024 * 1024,
+        parse=_parse_int(1, 128 * 1024 * 1024),
+        doc="larger bodies are dead-lettered",
+        commands=DAEMON,
+    )
+    missing_id: str = setting(
+        "dead-letter",
+        parse=_parse_choice("dead-letter", "content-hash"),
+        doc="a message without a message_id: dead-letter, or content-hash (the body's hash)",
+    )
+    db_url: str = setting(
+        "sqlite:///mayhem.db",
+        parse=_parse_db_url,
+        doc="sqlite:///file.db or postgresql://user@host/db",
+        commands=DAEMON,
+        secret=True,
+    )
+    inbox_retention: float = setting(
+        7 * 86400.0,
+        parse=_parse_float(0.0, 10 * 365 * 86400.0),
+        doc="seconds an inbox row is kept",
+    )
+    metrics_addr: str | None = setting(
+        "127.0.0.1:9464",
+        parse=_parse_addr,
+        doc="HOST:PORT for /metrics, /healthz, /readyz, or off",
+        commands=DAEMON,
+    )
+    metrics_textfile: str | None = setting(
+        None,
+        parse=_parse_optional,
+        doc="write final metrics here on shutdown",
+        commands=DAEMON,
+    )
+    pushgateway: str | None = setting(
+        None,
+        parse=_parse_optional,
+        doc="push final metrics to this Pushgateway on shutdown",
+        commands=DAEMON,
+        secret=True,
+    )
+    log_format: str = setting(
+        attrs.Factory(_default_log_format),
+        parse=_parse_choice("json", "text"),
+        doc="json or text",
+        commands=EVERY_COMMAND,
+        default_text="text on a terminal, else json",
+    )
+    log_level: str = setting(
+        "INFO",
+        parse=_parse_level,
+        doc="DEBUG, INFO, WARNING or ERROR",
+        commands=EVERY_COMMAND,
+        reloadable=True,
+    )
+    loop: str = setting(
+        "uvloop",
+        parse=_parse_choice("uvloop", "asyncio"),
+        doc="uvloop or asyncio",
+        commands=DAEMON | {"publish"},
+    )
+    demo: bool = setting(
+        default=False, parse=_parse_bool, doc="also publish demo messages", commands={"run"}
+    )
+    demo_rate: float = setting(
+        20.0, parse=_parse_float(0.001, 100000.0), doc="demo messages per second"
+    )
+    demo_max_delay: float = setting(
+        0.5,
+        parse=_parse_float(0.0, 3600.0),
+        doc="the demo handler's longest simulated restart, in seconds",
+    )
 
     @property
     def effective_prefetch(self) -> int:
@@ -235,12 +356,8 @@ class Config:
         return f"{self.queue}.dead"
 
     def masked(self) -> dict[str, Any]:
-        """The configuration as a dict, passwords masked: for display and logs."""
-        shown = attrs.asdict(self)
-        shown["amqp_url"] = mask_url(self.amqp_url)
-        shown["db_url"] = mask_url(self.db_url)
-        if self.pushgateway is not None:
-            shown["pushgateway"] = mask_url(self.pushgateway)
+        """The configuration as a dict, secrets masked: for display and logs."""
+        shown = {key: show(SETTINGS[key], value) for key, value in attrs.asdict(self).items()}
         shown["prefetch"] = self.effective_prefetch
         shown["retry_delays"] = list(self.effective_retry_delays)
         return shown
@@ -255,9 +372,10 @@ class Config:
     ) -> Config:
         """Build the configuration from its sources, highest first: flags, environment, file.
 
-        Between the file and the environment come systemd credentials: files named
-        ``amqp_url``, ``db_url`` or ``pushgateway`` in ``$CREDENTIALS_DIRECTORY``
-        (``LoadCredential=``), so secrets stay out of the unit and the process's environment.
+        Between the file and the environment come systemd credentials: a file in
+        ``$CREDENTIALS_DIRECTORY`` (``LoadCredential=``) named like a secret setting
+        (``amqp_url``, ``db_url``, ``pushgateway``), so secrets stay out of the unit and the
+        process's environment.
 
         Args:
             file: a TOML file, or ``None``; ``MAYHEM_CONFIG`` names one when this is ``None``.
@@ -269,29 +387,15 @@ class Config:
             ConfigError: a value, the file or a combination of settings is invalid.
         """
         env = os.environ if environ is None else environ
-        raw: dict[str, tuple[object, str]] = {}
-        path = file if file is not None else env.get(f"{ENV_PREFIX}CONFIG")
-        if path:
-            for key, value in _read_toml(path).items():
-                raw[key] = (value, f"in {path}")
-        for key, value in _read_credentials(env.get("CREDENTIALS_DIRECTORY")).items():
-            raw[key] = (value, f"from credential {key}")
-        for key in _FIELDS:
-            name = f"{ENV_PREFIX}{key.upper()}"
-            if name in env:
-                raw[key] = (env[name], f"from {name}")
-        for key, value in (flags or {}).items():
-            if value is not None:
-                raw[key] = (value, f"from --{key.replace('_', '-')}")
+        raw = gather(SETTINGS, file=file, flags=flags or {}, environ=env)
         values: dict[str, Any] = {}
         for key, (value, origin) in raw.items():
-            parse = _PARSERS[key]
+            each = SETTINGS[key]
             try:
-                values[key] = parse(value)
+                values[key] = each.parse(value)
             except (TypeError, ValueError, OverflowError):
-                shown = mask_url(str(value)) if key.endswith("url") else str(value)
-                what = (parse.__doc__ or "valid").rstrip(".")
-                msg = f"{key} must be {what}, got {shown!r} ({origin})"
+                what = (each.parse.__doc__ or "valid").rstrip(".")
+                msg = f"{key} must be {what}, got {show(each, str(value))!r} ({origin})"
                 raise ConfigError(msg) from None
         config = cls(**values)
         config.check()
@@ -318,74 +422,21 @@ class Config:
             raise ConfigError(msg)
 
 
-_FIELDS: Final = tuple(field.name for field in attrs.fields(Config))
-
-_PARSERS: Final[dict[str, Callable[[object], Any]]] = {
-    "amqp_url": _parse_amqp_url,
-    "queue": _parse_name,
-    "exchange": _parse_name,
-    "queue_type": _parse_choice("quorum", "classic"),
-    "declare": _parse_bool,
-    "handler": _parse_handler,
-    "concurrency": _parse_int(1, 4096),
-    "prefetch": _parse_int(1, 65535),
-    "drain_timeout": _parse_float(0.0, 3600.0),
-    "handler_timeout": _parse_float(0.001, 86400.0),
-    "max_attempts": _parse_int(1, 100),
-    "retry_delays": _parse_delays,
-    "max_message_bytes": _parse_int(1, 128 * 1024 * 1024),
-    "missing_id": _parse_choice("dead-letter", "content-hash"),
-    "db_url": _parse_db_url,
-    "inbox_retention": _parse_float(0.0, 10 * 365 * 86400.0),
-    "metrics_addr": _parse_addr,
-    "metrics_textfile": _parse_optional,
-    "pushgateway": _parse_optional,
-    "log_format": _parse_choice("json", "text"),
-    "log_level": _parse_level,
-    "loop": _parse_choice("uvloop", "asyncio"),
-    "demo": _parse_bool,
-    "demo_rate": _parse_float(0.001, 100000.0),
-    "demo_max_delay": _parse_float(0.0, 3600.0),
-}
-assert set(_PARSERS) == set(_FIELDS), "every setting needs a parser"  # noqa: S101
+SETTINGS: Final[Mapping[str, Setting]] = settings_of(Config)
+SECRET_SETTINGS: Final = tuple(key for key, each in SETTINGS.items() if each.secret)
 
 
-SECRET_SETTINGS: Final = ("amqp_url", "db_url", "pushgateway")
+def show(each: Setting, value: object) -> object:
+    """``value`` as it may be shown (printed, logged, in an error): a secret's password masked.
+
+    The one rule for secrets: a setting declared ``secret=True`` is shown through
+    :func:`mask_url`, everywhere.
+    """
+    if each.secret and isinstance(value, str):
+        return mask_url(value)
+    return value
 
 
-def _read_credentials(directory: str | None) -> dict[str, str]:
-    if not directory:
-        return {}
-    found = {}
-    for key in SECRET_SETTINGS:
-        path = Path(directory) / key
-        try:
-            found[key] = path.read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            continue
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read credential {path}: {exc}") from None
-    return found
-
-
-def _read_toml(path: str) -> dict[str, object]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8 text") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    section = data.get("mayhem", data)
-    if not isinstance(section, dict):
-        raise ConfigError(f"config file {path}: [mayhem] must be a table")
-    if section is not data and len(data) > 1:
-        outside = min(key for key in data if key != "mayhem")
-        raise ConfigError(f"config file {path}: setting {outside!r} is outside the [mayhem] table")
-    unknown = sorted(set(section) - set(_FIELDS))
-    if unknown:
-        raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r}")
-    return section
+def reloadable_settings() -> frozenset[str]:
+    """The settings that SIGHUP applies without a restart (declared ``reloadable=True``)."""
+    return frozenset(key for key, each in SETTINGS.items() if each.reloadable)

@@ -18,7 +18,7 @@ import attrs
 
 from mayhem import logs
 from mayhem.broker import Broker
-from mayhem.config import Config, mask_url
+from mayhem.config import Config, mask_url, reloadable_settings
 from mayhem.consumer import Consumer
 from mayhem.exceptions import ConfigError, MayhemError, StoreUnavailable
 from mayhem.handlers import DemoHandler, handler_setup, load_handler
@@ -506,7 +506,7 @@ class Daemon:
         ignored = sorted(
             key
             for key, value in attrs.asdict(new).items()
-            if key not in {"log_level", "concurrency"} and value != getattr(old, key)
+            if key not in reloadable_settings() and value != getattr(old, key)
         )
         log.info(
             "configuration reloaded ◆ log_level %s ◆ concurrency %d%s",

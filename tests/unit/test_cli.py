@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 
@@ -9,8 +10,8 @@ import attrs
 import pytest
 
 from mayhem import __version__
-from mayhem.cli import EXIT_OK, EXIT_USAGE, main
-from mayhem.config import Config
+from mayhem.cli import EXIT_OK, EXIT_USAGE, _flags, build_parser, main
+from mayhem.config import SETTINGS, Config
 
 
 @pytest.fixture(autouse=True)
@@ -189,3 +190,133 @@ def test_publish_bad_numbers(capsys, restored_logging, argv, flag):
     with restored_logging():
         line = config_error(capsys, ["publish", "--loop", "asyncio", *argv])
     assert line.startswith(f"mayhem: configuration error: {flag} must be ")
+
+
+# -- flags derived from the declarations ---------------------------------------------------
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser by its command line: run, publish, dead list, ... check-config."""
+    found = {}
+    todo = [("", build_parser())]
+    while todo:
+        prefix, parser = todo.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    todo.append((f"{prefix} {name}".strip(), sub))
+        if prefix:
+            found[prefix] = parser
+    return {name: parser for name, parser in found.items() if name != "dead"}
+
+
+# Each command's own flags, which are not settings.
+OWN_FLAGS = {
+    "run": set(),
+    "check-config": set(),
+    "publish": {"--count", "--rate", "--file"},
+    "dead list": {"--limit"},
+    "dead replay": {"--id", "--all"},
+    "dead purge": {"--id", "--all"},
+}
+
+
+def test_setting_flags_are_derived_from_the_declarations():
+    """Each command has exactly the flags its settings declare, plus --config and its own."""
+    parsers = subcommands()
+    assert set(parsers) == set(OWN_FLAGS)
+    for command, parser in parsers.items():
+        declared = {each.flag for each in SETTINGS.values() if command.split()[0] in each.commands}
+        flags = {flag for action in parser._actions for flag in action.option_strings}
+        assert flags == declared | OWN_FLAGS[command] | {"-h", "--help", "--config"}, command
+
+
+def test_each_setting_flag_has_help_with_default_and_env():
+    """A setting's flag help says what it does, its default and its MAYHEM_* variable."""
+    for command, parser in subcommands().items():
+        for action in parser._actions:
+            if action.dest not in SETTINGS:
+                continue
+            each = SETTINGS[action.dest]
+            assert action.option_strings == [each.flag], command
+            assert action.help is not None
+            assert action.help.startswith(each.doc)
+            assert "(default: " in action.help
+            assert action.help.endswith(f"; env: {each.env})")
+
+
+def test_run_help_shows_every_setting(capsys):
+    """`mayhem run --help` shows every setting's default and env name, flag or not."""
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for each in SETTINGS.values():
+        assert f"env: {each.env})" in text
+    assert "handlers running at once (default: 16; env: MAYHEM_CONCURRENCY)" in text
+    assert "(default: 2 x concurrency; env: MAYHEM_PREFETCH)" in text
+    assert "(default: 30; env: MAYHEM_DRAIN_TIMEOUT)" in text
+    assert "(default: false; env: MAYHEM_DEMO)" in text
+    assert "declare: declare the queues and exchange at start (default: true;" in text
+    # The default's password is masked like any secret's.
+    assert "(default: amqp://guest:***@localhost:5672/; env: MAYHEM_AMQP_URL)" in text
+
+
+def test_design_command_lines_keep_working():
+    """The command lines of shared/DESIGN.md parse, each flag reaching its setting."""
+    run = [
+        "run", "--config", "m.toml", "--amqp-url", "amqp://u:p@h/", "--queue", "q",
+        "--handler", "m:f", "--concurrency", "3", "--prefetch", "9", "--db-url", "sqlite:///x.db",
+        "--metrics-addr", "off", "--drain-timeout", "5", "--max-attempts", "4",
+        "--retry-delays", "1,2", "--handler-timeout", "60", "--metrics-textfile", "m.prom",
+        "--pushgateway", "http://h:9091", "--loop", "asyncio", "--demo", "--log-format", "json",
+        "--log-level", "DEBUG",
+    ]  # fmt: skip
+    args = build_parser().parse_args(run)
+    assert args.config == "m.toml"
+    assert _flags(args) == {
+        "amqp_url": "amqp://u:p@h/",
+        "queue": "q",
+        "handler": "m:f",
+        "concurrency": "3",
+        "prefetch": "9",
+        "db_url": "sqlite:///x.db",
+        "metrics_addr": "off",
+        "drain_timeout": "5",
+        "max_attempts": "4",
+        "retry_delays": "1,2",
+        "handler_timeout": "60",
+        "metrics_textfile": "m.prom",
+        "pushgateway": "http://h:9091",
+        "loop": "asyncio",
+        "demo": True,
+        "log_format": "json",
+        "log_level": "DEBUG",
+    }
+    publish = ["publish", "--count", "5", "--rate", "2", "--file", "x.jsonl", "--queue", "q"]
+    args = build_parser().parse_args(publish)
+    assert (args.count, args.rate, args.file) == ("5", "2", "x.jsonl")
+    assert _flags(args) == {"queue": "q"}
+    args = build_parser().parse_args(["check-config", "--config", "m.toml"])
+    assert (args.config, _flags(args)) == ("m.toml", {})
+
+
+def test_flags_not_given_leave_lower_sources():
+    """Flags left off the command line are not passed on (None), so MAYHEM_* and the file rule."""
+    assert _flags(build_parser().parse_args(["run"])) == {}
+
+
+def test_check_config_masks_every_secret(capsys):
+    """check-config masks the password of each setting declared secret."""
+    secrets = {key for key, each in SETTINGS.items() if each.secret}
+    assert secrets == {"amqp_url", "db_url", "pushgateway"}
+    shown = check_config(
+        capsys,
+        [
+            "--amqp-url", "amqp://u:amqp-secret@h/",
+            "--db-url", "postgresql://u:db-secret@h/app",
+            "--pushgateway", "http://u:push-secret@h:9091",
+        ],
+    )  # fmt: skip
+    assert "secret" not in repr(shown)
+    assert shown["pushgateway"] == '"http://u:***@h:9091"'

@@ -8,8 +8,16 @@ from pathlib import Path
 import attrs
 import pytest
 
-from mayhem.config import MAX_HANDLER_TIMEOUT, Config, mask_url
+from mayhem.config import (
+    MAX_HANDLER_TIMEOUT,
+    SECRET_SETTINGS,
+    SETTINGS,
+    Config,
+    mask_url,
+    reloadable_settings,
+)
 from mayhem.exceptions import ConfigError, MayhemError
+from mayhem.setting import METADATA, Setting, named, setting
 
 
 def toml_file(tmp_path: Path, text: str, name: str = "mayhem.toml") -> str:
@@ -497,3 +505,64 @@ def test_masked_hides_password_with_hash():
     """A db_url whose password holds an unencoded '#' is still masked by masked()."""
     config = Config.load(flags={"db_url": "postgresql://u:pa#secret@h/db"}, environ={})
     assert "secret" not in config.masked()["db_url"]
+
+
+# -- the declarations -------------------------------------------------------------------------
+
+
+def test_every_field_is_a_declared_setting():
+    """Each field carries its Setting, named after it, with a parser that says what it accepts."""
+    for field in attrs.fields(Config):
+        each = field.metadata[METADATA]
+        assert isinstance(each, Setting)
+        assert each.name == field.name
+        assert SETTINGS[field.name] is each
+        assert each.env == f"MAYHEM_{field.name.upper()}"
+        assert each.flag == f"--{field.name.replace('_', '-')}"
+        assert each.parse.__doc__
+        assert each.doc
+        if not isinstance(field.default, attrs.Factory):
+            assert each.default == field.default
+
+
+def test_a_computed_default_needs_words():
+    """A setting whose default is a factory must say in words what the default is."""
+    with pytest.raises(TypeError, match="needs default_text"):
+
+        @attrs.frozen(field_transformer=named)
+        class Bad:
+            value: str = setting(attrs.Factory(str), parse=str, doc="a value")
+
+
+def test_secrets_come_from_the_declarations():
+    """The secret settings (masked, read from credentials) are those declared secret=True."""
+    declared = {key for key, each in SETTINGS.items() if each.secret}
+    assert declared == {"amqp_url", "db_url", "pushgateway"}
+    assert set(SECRET_SETTINGS) == declared
+
+
+def test_reload_set_comes_from_the_declarations():
+    """SIGHUP applies the settings declared reloadable=True: the log level and concurrency."""
+    declared = {key for key, each in SETTINGS.items() if each.reloadable}
+    assert reloadable_settings() == declared == {"log_level", "concurrency"}
+
+
+def test_bad_secret_of_another_type_is_masked_in_the_error(tmp_path):
+    """A secret of the wrong type in the file is reported masked, whatever its setting's name."""
+    path = toml_file(tmp_path, '[mayhem]\npushgateway = ["http://u:push-secret@h:9091"]\n')
+    message = load_error(file=path)
+    assert message.startswith("pushgateway must be ")
+    assert "push-secret" not in message
+
+
+def test_credentials_are_read_for_each_secret(tmp_path):
+    """Each secret setting can come from a systemd credential file of its name."""
+    (tmp_path / "amqp_url").write_text("amqp://u:a@broker/\n")
+    (tmp_path / "db_url").write_text("postgresql://u:d@db/app")
+    (tmp_path / "pushgateway").write_text("http://u:p@push:9091")
+    (tmp_path / "queue").write_text("not-a-secret")
+    config = Config.load(environ={"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert config.amqp_url == "amqp://u:a@broker/"
+    assert config.db_url == "postgresql://u:d@db/app"
+    assert config.pushgateway == "http://u:p@push:9091"
+    assert config.queue == "mayhem"
