@@ -125,7 +125,12 @@ class Link(asyncio.Protocol):
             del buffer[:offset]
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
-        cause = exc or (None if self._closing else LinkLost("the broker closed the connection"))
+        # Always LinkLost to the waiters and on_lost: an OSError or ssl.SSLError (a reset, a
+        # TLS alert such as "certificate required") must not escape the reconnect loop.
+        if exc is not None:
+            cause: LinkLost | None = LinkLost(describe_failure(exc))
+        else:
+            cause = None if self._closing else LinkLost("the broker closed the connection")
         self._closed(cause)
 
     # -- frames ------------------------------------------------------------------------------
@@ -429,14 +434,23 @@ def _refusal(method: commands.Connection.Close | commands.Channel.Close) -> Link
 
 def describe_failure(exc: BaseException) -> str:
     """One line on why a connection could not be made, TLS failures in plain words."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return (
-            f"TLS: the broker's certificate was not accepted ({exc.verify_message}); "
-            "is cafile= the CA that signed it?"
-        )
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS handshake failed: {exc.reason or exc}"
-    return (str(exc) or type(exc).__name__).replace("\n", " ")
+    text = (str(exc) or type(exc).__name__).replace("\n", " ")
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        why = cause.verify_message
+    elif "CERTIFICATE_VERIFY_FAILED" in text:
+        # aiormq re-raises it as AMQPConnectionError with the text only.
+        why = text.partition("certificate verify failed: ")[2].partition(" (_ssl")[0]
+    elif isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed: {exc.reason or text}"
+    else:
+        return text
+    return (
+        f"TLS: the broker's certificate was not accepted ({why or 'verify failed'}); "
+        "is cafile= the CA that signed it?"
+    )
 
 
 async def open_link(

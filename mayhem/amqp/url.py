@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ssl
+from pathlib import Path
 from typing import Final, NoReturn
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -134,6 +135,9 @@ class Endpoint:
 
     def _tls_context(self) -> ssl.SSLContext:
         """The client context, built as aiormq builds it from the same options."""
+        if self.capath and not Path(self.capath).is_dir():
+            # OpenSSL reads the directory only when it verifies: say it now.
+            _refuse(f"cannot load the CA certificates (capath {self.capath}): not a directory")
         try:
             context = ssl.create_default_context(
                 ssl.Purpose.SERVER_AUTH, cafile=self.cafile, capath=self.capath, cadata=self.cadata
