@@ -203,3 +203,22 @@ async def test_readyz_says_queue_missing_when_the_queue_is_deleted(amqp, make_co
             return await _readyz(session, addr) == (200, "ready\n")
 
         await wait_until(ready, timeout=30, interval=0.1)
+
+
+async def test_start_says_what_handler_timeout_is_checked_against(amqp, make_config, caplog):
+    """RabbitMQ does not report consumer_timeout: opening says so, with the default used.
+
+    (The configuration refuses a handler_timeout above half that default.)
+    """
+    config = make_config(handler_timeout=600)
+    await declare(amqp, config)
+    metrics = Metrics()
+    buffer: asyncio.Queue[Delivery | None] = asyncio.Queue(maxsize=config.effective_prefetch)
+    consumer = Consumer(config, buffer, Settler(metrics), metrics)
+    with caplog.at_level("INFO", logger="mayhem.consumer"):
+        await consumer.open()
+    await consumer.close()
+    [line] = [r.getMessage() for r in caplog.records if "consumer_timeout" in r.getMessage()]
+    assert line.startswith("the broker (RabbitMQ 3.")
+    assert "does not report its consumer_timeout" in line
+    assert "handler_timeout 600 s is checked against the default 1800 s" in line
