@@ -17,6 +17,8 @@ import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
+from mayhem.amqp.link import describe_failure
+from mayhem.amqp.url import Endpoint
 from mayhem.config import mask_url
 from mayhem.exceptions import ConfigError, StartupError
 from mayhem.retry import retry_queue, retry_tiers
@@ -71,9 +73,13 @@ async def connect(config: Config, role: str = "consumer") -> AbstractRobustConne
     Raises:
         StartupError: the broker refused the credentials or could not be reached.
     """
+    # The URL was checked by the same parser when the configuration was loaded; aio-pika gets
+    # it as it is, with the TLS context the consuming connection uses too.
+    endpoint = Endpoint.from_url(config.amqp_url)
     try:
         return await aio_pika.connect_robust(
             config.amqp_url,
+            ssl_context=endpoint.ssl_context,
             client_properties={"connection_name": connection_name(config.queue, role)},
             reconnect_interval=RECONNECT_INTERVAL,
             timeout=10,
@@ -87,8 +93,7 @@ async def connect(config: Config, role: str = "consumer") -> AbstractRobustConne
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text.replace("\n", " ")
+    return describe_failure(exc)
 
 
 async def declare_topology(channel: aio_pika.abc.AbstractChannel, config: Config) -> None:

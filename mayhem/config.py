@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from mayhem.amqp.url import Endpoint, UrlError
 from mayhem.exceptions import ConfigError
 from mayhem.setting import (
     DAEMON,
@@ -125,10 +126,7 @@ def _parse_optional(value: object) -> str | None:
 def _parse_amqp_url(value: object) -> str:
     """an amqp:// or amqps:// URL."""
     text = _text(value)
-    parts = urlsplit(text)
-    if parts.scheme not in {"amqp", "amqps"} or not parts.hostname:
-        raise ValueError
-    _ = parts.port  # raises ValueError on a port that is not a number
+    Endpoint.from_url(text)  # the one parser both broker connections use; UrlError says why
     return text
 
 
@@ -393,9 +391,10 @@ class Config:
             each = SETTINGS[key]
             try:
                 values[key] = each.parse(value)
-            except (TypeError, ValueError, OverflowError):
+            except (TypeError, ValueError, OverflowError) as exc:
                 what = (each.parse.__doc__ or "valid").rstrip(".")
-                msg = f"{key} must be {what}, got {show(each, str(value))!r} ({origin})"
+                why = f": {exc}" if isinstance(exc, UrlError) else ""  # never quotes the URL
+                msg = f"{key} must be {what}, got {show(each, str(value))!r} ({origin}){why}"
                 raise ConfigError(msg) from None
         config = cls(**values)
         config.check()

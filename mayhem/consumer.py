@@ -13,14 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from typing import TYPE_CHECKING, Final
 
+import attrs
+
 from mayhem.amqp import Endpoint, Link, open_link
+from mayhem.amqp.url import UrlError
 from mayhem.broker import connection_name
-from mayhem.config import mask_url
-from mayhem.exceptions import BrokerRefused, LinkLost, StartupError
+from mayhem.config import CONSUMER_TIMEOUT, mask_url
+from mayhem.exceptions import BrokerRefused, ConfigError, LinkLost, QueueMissing, StartupError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from mayhem.amqp import Delivery
     from mayhem.config import Config
     from mayhem.metrics import Metrics
@@ -31,6 +38,63 @@ log = logging.getLogger(__name__)
 CANCEL_TIMEOUT: Final = 5.0
 RECONNECT_INTERVAL: Final = 1.0
 RECONNECT_MAX: Final = 5.0
+# A connection must stay up this long before the reconnect delay starts again from
+# RECONNECT_INTERVAL: one that fails right after subscribing keeps the longer delay.
+HEALTHY_AFTER: Final = 30.0
+
+
+@attrs.define
+class Backoff:
+    """The delay before each reconnect attempt: doubling, and reset only after a healthy spell.
+
+    A connection that is lost right after it came up (a queue deleted at once, a proxy that
+    drops it after ``basic.consume-ok``) does not reset the delay, so a recurring fault is
+    retried at most every ``most`` seconds rather than every second.
+
+    Args:
+        first: the first delay, seconds.
+        most: the longest delay, seconds.
+        healthy_after: how long a connection must stay up (and subscribed, if consuming)
+            before the next loss starts again from ``first``.
+        clock: monotonic seconds.
+    """
+
+    first: float = RECONNECT_INTERVAL
+    most: float = RECONNECT_MAX
+    healthy_after: float = HEALTHY_AFTER
+    clock: Callable[[], float] = time.monotonic
+    #: The delays chosen, oldest first (the last 64): for logs, metrics and tests.
+    chosen: deque[float] = attrs.field(factory=lambda: deque(maxlen=64))
+    _next: float | None = attrs.field(default=None, init=False)
+    _up_since: float | None = attrs.field(default=None, init=False)
+
+    def up(self) -> None:
+        """The connection is up (and subscribed if it should be): the healthy spell starts."""
+        self._up_since = self.clock()
+
+    def down(self) -> None:
+        """The connection is lost: start again from ``first`` only after a healthy spell."""
+        if self._up_since is not None and self.healthy:
+            self._next = None
+        self._up_since = None
+
+    @property
+    def healthy(self) -> bool:
+        """The connection has been up for at least ``healthy_after``."""
+        up = self._up_since
+        return up is not None and self.clock() - up >= self.healthy_after
+
+    @property
+    def next_delay(self) -> float:
+        """The delay the next attempt will wait (what :meth:`delay` will return)."""
+        return self.first if self._next is None else self._next
+
+    def delay(self) -> float:
+        """The delay before the next attempt (each call doubles the one after, up to most)."""
+        chosen = self.next_delay
+        self._next = min(chosen * 2, self.most)
+        self.chosen.append(chosen)
+        return chosen
 
 
 class Consumer:
@@ -41,6 +105,10 @@ class Consumer:
         buffer: where deliveries wait for a worker; bounded by the prefetch window.
         settler: notes every delivery, and settles what goes straight back.
         metrics: where reconnects and stale deliveries are counted.
+        backoff: the delays between reconnect attempts.
+
+    Raises:
+        ConfigError: the broker URL does not parse (a TLS file gone since it was loaded).
     """
 
     def __init__(
@@ -49,9 +117,15 @@ class Consumer:
         buffer: asyncio.Queue[Delivery | None],
         settler: Settler,
         metrics: Metrics,
+        *,
+        backoff: Backoff | None = None,
     ) -> None:
         self._config = config
-        self._endpoint = Endpoint.from_url(config.amqp_url)
+        try:
+            self._endpoint = Endpoint.from_url(config.amqp_url)
+        except UrlError as exc:
+            raise ConfigError(f"amqp_url: {exc}") from None
+        self.backoff = backoff or Backoff()
         self._buffer = buffer
         self._settler = settler
         self._metrics = metrics
@@ -62,6 +136,8 @@ class Consumer:
         self._wanted = False
         self._closing = False
         self.delivered = 0
+        # The broker cancelled the consumer or refused it with 404: /readyz says so.
+        self.queue_missing = False
 
     @property
     def connected(self) -> bool:
@@ -81,13 +157,33 @@ class Consumer:
         """
         url = mask_url(self._config.amqp_url)
         try:
-            self._link = await self._connect()
+            self._link = link = await self._connect()
         except BrokerRefused as exc:
             msg = f"broker {url} refused the credentials or the vhost ({exc})"
             raise StartupError(msg) from None
         except LinkLost as exc:
             msg = f"cannot connect to broker {url}: {exc}"
             raise StartupError(msg) from None
+        self.backoff.up()
+        self._check_handler_timeout(link.server)
+
+    def _check_handler_timeout(self, server: dict[str, object]) -> None:
+        """Say what handler_timeout is checked against: the broker's consumer_timeout is unknown.
+
+        RabbitMQ does not tell a client its consumer_timeout: not in the server properties,
+        and the per-queue ``x-consumer-timeout`` of 3.12+ cannot be read over AMQP either.
+        So the configuration holds handler_timeout to half the 30 min default
+        (``MAX_HANDLER_TIMEOUT``), and this line tells the operator that a broker with a
+        lower consumer_timeout is theirs to keep above handler_timeout.
+        """
+        version = server.get("version", "?")
+        log.info(
+            "the broker (RabbitMQ %s) does not report its consumer_timeout: handler_timeout "
+            "%g s is checked against the default %g s; a broker set lower must stay above it",
+            version.decode() if isinstance(version, bytes) else version,
+            self._config.handler_timeout,
+            CONSUMER_TIMEOUT,
+        )
 
     async def _connect(self) -> Link:
         config = self._config
@@ -113,6 +209,7 @@ class Consumer:
             link = self._link
             if self._wanted and link is not None and not link.closed and not link.consumer_tag:
                 await link.consume(self._config.queue)
+                self.queue_missing = False
 
     async def cancel(self) -> None:
         """Unsubscribe (``basic.cancel``); on a closed connection log it and carry on."""
@@ -142,14 +239,17 @@ class Consumer:
     def _on_lost(self, link: Link, exc: BaseException | None) -> None:
         if link is not self._link or self._closing:
             return
+        self.backoff.down()
+        self.queue_missing = isinstance(exc, QueueMissing)
         dropped = self.drop_stale()
         if dropped:
             self._metrics.stale_deliveries.inc(dropped)
         log.warning(
             "broker connection lost (consuming): %s ◆ %d buffered deliveries dropped (the "
-            "broker requeues them)",
+            "broker requeues them) ◆ reconnecting in %.1f s",
             exc or "closed",
             dropped,
+            self.backoff.next_delay,
         )
         self._lost.set()
 
@@ -158,8 +258,10 @@ class Consumer:
         while True:
             await self._lost.wait()
             previous = self._link
-            delay = RECONNECT_INTERVAL
             while not self._closing:
+                # Not reset here: a connection lost soon after it came up keeps the longer
+                # delay (Backoff), or a recurring fault would reconnect every second.
+                delay = self.backoff.delay()
                 await asyncio.sleep(delay)
                 try:
                     self._link = link = await self._connect()
@@ -171,18 +273,19 @@ class Consumer:
                         self._link.abort()
                     raise
                 except LinkLost as exc:
+                    self.queue_missing = isinstance(exc, QueueMissing)
                     log.warning(
-                        "reconnecting to broker %s failed (%s); next try in %.0f s",
+                        "reconnecting to broker %s failed (%s); next try in %.1f s",
                         mask_url(self._config.amqp_url),
                         exc,
-                        delay,
+                        self.backoff.next_delay,
                     )
-                    delay = min(delay * 2, RECONNECT_MAX)
                     continue
                 self._lost.clear()
                 if link.closed:  # lost again at once; the next round reconnects
                     self._lost.set()
                     break
+                self.backoff.up()
                 self._metrics.broker_reconnects.inc()
                 if self.active:
                     log.info("consuming again: broker connection re-established")

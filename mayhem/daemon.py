@@ -399,13 +399,18 @@ class Daemon:
         elif not self._started:
             reasons.append("starting")
         else:
+            # The queue deleted: the consuming connection comes and goes while the broker
+            # refuses the subscription, but the broker is there.
+            missing = self.consumer is not None and self.consumer.queue_missing
             if (
                 self.broker is None
                 or not self.broker.connected
                 or self.consumer is None
-                or not self.consumer.connected
+                or not (self.consumer.connected or missing)
             ):
                 reasons.append("broker disconnected")
+            if missing:
+                reasons.append("queue missing")
             if self.consumer is None or not self.consumer.active:
                 reasons.append("consumer not active")
             if not self._store_ok:

@@ -81,3 +81,7 @@ class LinkLost(MayhemError):  # noqa: N818 -- a state, as the message says
 
 class BrokerRefused(LinkLost):
     """The broker refused the credentials or the virtual host."""
+
+
+class QueueMissing(LinkLost):
+    """The work queue is gone: the broker cancelled the consumer, or refused it (404)."""

@@ -30,7 +30,7 @@ from mayhem.amqp.framing import (
     decode_content_header,
     short_string,
 )
-from mayhem.exceptions import BrokerRefused, LinkLost
+from mayhem.exceptions import BrokerRefused, LinkLost, QueueMissing
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -44,6 +44,7 @@ FRAME_MAX: Final = 131_072
 CONNECT_TIMEOUT: Final = 10.0
 REPLY_TIMEOUT: Final = 10.0
 _ACCESS_REFUSED: Final = 403
+_NOT_FOUND: Final = 404
 _CLOSED: Final = "the consuming connection is closed"
 
 
@@ -124,7 +125,12 @@ class Link(asyncio.Protocol):
             del buffer[:offset]
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
-        cause = exc or (None if self._closing else LinkLost("the broker closed the connection"))
+        # Always LinkLost to the waiters and on_lost: an OSError or ssl.SSLError (a reset, a
+        # TLS alert such as "certificate required") must not escape the reconnect loop.
+        if exc is not None:
+            cause: LinkLost | None = LinkLost(describe_failure(exc))
+        else:
+            cause = None if self._closing else LinkLost("the broker closed the connection")
         self._closed(cause)
 
     # -- frames ------------------------------------------------------------------------------
@@ -150,7 +156,10 @@ class Link(asyncio.Protocol):
                 self._write(commands.Channel.CloseOk(), CHANNEL)
                 self._fail(_refusal(method))
             case commands.Basic.Cancel():
-                self._fail(LinkLost("the broker cancelled the consumer (queue deleted?)"))
+                # RabbitMQ sends it when the queue is deleted (or, for a mirrored classic
+                # queue, fails over): the consumer names it "queue missing" until a
+                # subscription succeeds again.
+                self._fail(QueueMissing("the broker cancelled the consumer (queue deleted?)"))
             case commands.Connection.Blocked():
                 log.warning("broker blocked the consuming connection: %s", method.reason)
             case commands.Connection.Unblocked():
@@ -240,9 +249,13 @@ class Link(asyncio.Protocol):
         """
         start = await self._wait(self._start)
         self.server = dict(start.server_properties or {})
-        if "PLAIN" not in start.mechanisms.split():
-            msg = f"broker offers no PLAIN authentication ({start.mechanisms})"
+        mechanism = endpoint.auth
+        if mechanism not in start.mechanisms.split():
+            msg = f"broker offers no {mechanism} authentication ({start.mechanisms})"
             raise BrokerRefused(msg)
+        # EXTERNAL: the broker takes the user from the client certificate; the response is
+        # empty (as aiormq sends it).
+        response = "" if mechanism == "EXTERNAL" else f"\0{endpoint.username}\0{endpoint.password}"
         tune_reply = self._expect(commands.Connection.Tune)
         self._write(
             commands.Connection.StartOk(
@@ -255,8 +268,8 @@ class Link(asyncio.Protocol):
                         "connection.blocked": True,
                     },
                 },
-                mechanism="PLAIN",
-                response=f"\0{endpoint.username}\0{endpoint.password}",
+                mechanism=mechanism,
+                response=response,
             ),
             0,
         )
@@ -413,7 +426,31 @@ def _refusal(method: commands.Connection.Close | commands.Channel.Close) -> Link
     text = f"{method.reply_code} {method.reply_text}"
     if method.reply_code == _ACCESS_REFUSED:
         return BrokerRefused(text)
+    if method.reply_code == _NOT_FOUND and isinstance(method, commands.Channel.Close):
+        # Channel 1 only declares nothing and consumes one queue: 404 is that queue.
+        return QueueMissing(text)
     return LinkLost(text)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line on why a connection could not be made, TLS failures in plain words."""
+    text = (str(exc) or type(exc).__name__).replace("\n", " ")
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        why = cause.verify_message
+    elif "CERTIFICATE_VERIFY_FAILED" in text:
+        # aiormq re-raises it as AMQPConnectionError with the text only.
+        why = text.partition("certificate verify failed: ")[2].partition(" (_ssl")[0]
+    elif isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed: {exc.reason or text}"
+    else:
+        return text
+    return (
+        f"TLS: the broker's certificate was not accepted ({why or 'verify failed'}); "
+        "is cafile= the CA that signed it?"
+    )
 
 
 async def open_link(
@@ -431,18 +468,17 @@ async def open_link(
         LinkLost: the broker could not be reached, or closed the connection on the way.
     """
     loop = asyncio.get_running_loop()
-    context = ssl.create_default_context() if endpoint.tls else None
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT):
             _, link = await loop.create_connection(
                 lambda: Link(on_delivery, on_lost),
                 endpoint.host,
                 endpoint.port,
-                ssl=context,
+                # The context the URL's TLS options made, the same aio-pika's connection uses.
+                ssl=endpoint.ssl_context,
             )
     except (OSError, TimeoutError) as exc:
-        msg = str(exc) or type(exc).__name__
-        raise LinkLost(msg) from None
+        raise LinkLost(describe_failure(exc)) from None
     try:
         await link.handshake(endpoint, client_properties, prefetch)
     except BaseException:
