@@ -18,6 +18,9 @@ import attrs
 
 from mayhem.exceptions import ConfigError
 
+# Re-exported: mask_url moved to mayhem.redact, and its importers from here keep working.
+from mayhem.redact import mask_url as mask_url  # noqa: PLC0414
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
@@ -26,25 +29,6 @@ ENV_PREFIX: Final = "MAYHEM_"
 # default); a handler must be cancelled well before that.
 CONSUMER_TIMEOUT: Final = 1800.0
 MAX_HANDLER_TIMEOUT: Final = CONSUMER_TIMEOUT / 2
-SECRET_MASK: Final = "***"  # noqa: S105 -- the mask, not a password
-
-
-def mask_url(url: str) -> str:
-    """Return ``url`` with its password replaced by ``***``.
-
-    Works on the raw text, not on a parse: a password with an unencoded ``#``, ``/`` or ``?``
-    confuses URL parsers, and masking too much is safe.
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    userinfo, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user, colon, _ = userinfo.partition(":")
-    if not colon:
-        return url
-    return f"{scheme}{sep}{user}:{SECRET_MASK}@{host}"
 
 
 def _parse_int(low: int, high: int) -> Callable[[object], int]:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import unquote
 
 from aiohttp import web
 from prometheus_client import (
@@ -21,15 +23,14 @@ from prometheus_client import (
     Histogram,
     Info,
     generate_latest,
-    write_to_textfile,
 )
-from prometheus_client.exposition import push_to_gateway
+from prometheus_client.exposition import basic_auth_handler, default_handler, push_to_gateway
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from mayhem._version import __version__
-from mayhem.config import mask_url
+from mayhem.redact import mask_url, redact, url_secrets
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -44,6 +45,8 @@ DURATION_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 )  # fmt: skip
 HEARTBEAT_INTERVAL: Final = 0.5
+# The metrics textfile's mode before the umask: never readable by others (see _write_textfile).
+TEXTFILE_MODE: Final = 0o640
 
 
 class Metrics:
@@ -168,14 +171,16 @@ class Metrics:
             else:
                 log.info("metrics written to %s", textfile)
         if pushgateway:
+            shown = mask_url(pushgateway)
             try:
-                push_to_gateway(
-                    pushgateway, job=job, registry=self._own, grouping_key=grouping, timeout=5
-                )
-            except OSError as exc:
-                log.warning("metrics not pushed to %s: %s", mask_url(pushgateway), exc)
+                _push(pushgateway, job, self._own, grouping)
+            except Exception as exc:
+                # One line without a traceback: an error about the URL (e.g. http.client's
+                # InvalidURL) may quote it, password and all.
+                error = redact(f"{type(exc).__name__}: {exc}", url_secrets(pushgateway))
+                log.warning("metrics not pushed to %s: %s", shown, error)
             else:
-                log.info("metrics pushed to %s", mask_url(pushgateway))
+                log.info("metrics pushed to %s", shown)
 
 
 class _OwnMetrics:
@@ -188,12 +193,55 @@ class _OwnMetrics:
         return [family for family in self._registry.collect() if family.name.startswith("mayhem_")]
 
 
+def _push(url: str, job: str, registry: _OwnMetrics, grouping: dict[str, str] | None) -> None:
+    """PUT the metrics to the Pushgateway at ``url``, with the URL's user and password if any.
+
+    urllib does not take credentials from a URL (it reads ``user:password@host`` as a host
+    and a port), so they are taken out of it and sent as HTTP Basic authentication.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "http", url
+    # The same rule as mask_url: the credentials run up to the last '@'.
+    userinfo, at, hostpart = rest.rpartition("@")
+    gateway = f"{scheme}://{hostpart}"
+    handler: Callable[..., Callable[[], None]] = default_handler
+    if at:
+        user, _, password = userinfo.partition(":")
+
+        def handler(**request: Any) -> Callable[[], None]:  # noqa: ANN401 -- urllib's arguments
+            return basic_auth_handler(**request, username=unquote(user), password=unquote(password))
+
+    push_to_gateway(
+        gateway, job=job, registry=registry, grouping_key=grouping, timeout=5, handler=handler
+    )
+
+
 def _write_textfile(path: str, registry: _OwnMetrics) -> None:
-    # write_to_textfile writes a temporary file beside the target and renames it over it,
-    # so node_exporter never reads half a file.
+    """Write the metrics to ``path`` atomically, readable by its owner and at most its group.
+
+    The file is created with mode 0640 less the process umask: 0600 under UMask=0077 (the
+    systemd units' default), 0640 under 0027 or 0022; never readable by others. Its group is
+    the process's, or the directory's when the directory is setgid, which is how a group
+    such as node_exporter's is given read access.
+    """
+    # A temporary file beside the target, renamed over it, so that node_exporter never reads
+    # half a file; its name does not end in .prom, so node_exporter never reads it at all.
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    write_to_textfile(os.fspath(target), registry)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    temporary.unlink(missing_ok=True)  # left by a crash of an earlier process of this pid
+    data = generate_latest(registry)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, TEXTFILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        temporary.replace(target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 class HealthServer:
