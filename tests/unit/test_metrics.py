@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import http.server
 import logging
 import os
@@ -311,3 +312,114 @@ def test_pushgateway_url_without_port_fails_as_one_masked_line(caplog, url):
     assert record.getMessage().startswith("metrics not pushed to ")
     assert record.exc_info is None
     assert "s3cret-pw" not in caplog.text
+
+
+# -- the endpoint's limits ------------------------------------------------------------------
+
+
+async def _connect(addr: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, _, port = addr.rpartition(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def _closed_by_server(reader: asyncio.StreamReader) -> bool:
+    """The server closed the connection without an answer (a reset, if data was unread)."""
+    try:
+        return await asyncio.wait_for(reader.read(), 5) == b""
+    except ConnectionResetError:
+        return True
+
+
+async def test_endpoint_refuses_connections_beyond_its_limit(serve, caplog):
+    """Past max_connections, a new connection is closed at once, counted and logged once.
+
+    1. Three idle connections fill a limit of 3.
+    2. Two more are closed by the server without an answer; the refusal counter says 2 and
+       one warning says why.
+    3. Once one idle connection is closed, /healthz answers again.
+    """
+    metrics = Metrics()
+    server = await serve(metrics, list, max_connections=3)
+    writers = []
+    try:
+        idle = [await _connect(server.bound) for _ in range(3)]
+        writers += [writer for _, writer in idle]
+        await wait_until(lambda: server.open_connections == 3, timeout=5)
+        with caplog.at_level(logging.WARNING, logger="mayhem.metrics"):
+            for _ in range(2):
+                reader, writer = await _connect(server.bound)
+                writers.append(writer)
+                writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert await _closed_by_server(reader)
+        assert metrics.value("mayhem_http_connections_refused_total") == 2
+        [record] = caplog.records
+        assert record.getMessage() == (
+            "metrics endpoint: refusing connections beyond 3 open ◆ 1 refused so far"
+        )
+        idle[0][1].close()
+        await wait_until(lambda: server.open_connections == 2, timeout=5)
+        assert (await http_get(server.bound, "/healthz"))[0] == 200
+    finally:
+        for writer in writers:
+            writer.close()
+
+
+async def test_endpoint_closes_idle_and_slow_connections(serve):
+    """A connection that sends nothing, or its request's head too slowly, is closed.
+
+    idle_timeout 0.5 s: one connection sends nothing; another sends a header line every
+    0.1 s and never finishes; a third is a keep-alive client that got its answer. The server
+    closes all three, and counts none of them as refused.
+    """
+    metrics = Metrics()
+    server = await serve(metrics, list, idle_timeout=0.5)
+    silent_reader, silent_writer = await _connect(server.bound)
+    slow_reader, slow_writer = await _connect(server.bound)
+    kept_reader, kept_writer = await _connect(server.bound)
+    try:
+        kept_writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(kept_reader.readuntil(b"ok\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        slow_writer.write(b"GET /metrics HTTP/1.1\r\n")
+        began = time.monotonic()
+        while not slow_reader.at_eof() and time.monotonic() - began < 5:
+            slow_writer.write(b"X-Slow: 1\r\n")
+            with contextlib.suppress(TimeoutError, ConnectionResetError):
+                await asyncio.wait_for(slow_reader.read(), 0.1)
+        assert slow_reader.at_eof()
+        assert time.monotonic() - began < 2
+        assert await _closed_by_server(silent_reader)
+        assert await _closed_by_server(kept_reader)
+        await wait_until(lambda: server.open_connections == 0, timeout=5)
+        assert metrics.value("mayhem_http_connections_refused_total") == 0
+    finally:
+        for writer in (silent_writer, slow_writer, kept_writer):
+            writer.close()
+
+
+async def test_endpoint_keeps_a_busy_keepalive_connection(serve):
+    """Requests on one keep-alive connection, closer together than idle_timeout, all answer."""
+    server = await serve(Metrics(), list, idle_timeout=0.5)
+    reader, writer = await _connect(server.bound)
+    for _ in range(4):
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"ok\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(0.3)  # the scenario: a scraper's pause, under the idle timeout
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_endpoint_answers_unknown_paths_and_methods(serve):
+    server = await serve(Metrics(), list)
+    assert (await http_get(server.bound, "/nope"))[0] == 404
+    reader, writer = await _connect(server.bound)
+    try:
+        writer.write(
+            b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 405")
+    assert b"Allow: GET, HEAD" in answer
