@@ -23,6 +23,8 @@ import pytest
 
 from mayhem.cli import EXIT_USAGE
 from mayhem.config import SECRET_SETTINGS, Config
+from mayhem.exceptions import ConfigError
+from mayhem.metrics import MAX_HTTP_CONNECTIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
@@ -30,6 +32,7 @@ EXAMPLE = UNITS / "mayhem.toml.example"
 INSTALL = ROOT / "deploy" / "install.sh"
 EXPOSURE = re.compile(r"Overall exposure level for (\S+): (\d+\.\d)")
 # Each unit, by the name systemd would load it under (the template as one instance).
+MAX_CONCURRENCY = 4096  # the highest concurrency the configuration accepts
 UNIT_NAMES = {"mayhem.service": "mayhem.service", "mayhem@.service": "mayhem@a.service"}
 
 
@@ -152,12 +155,13 @@ def test_security_exposure_at_most_1_0(unit, unit_root, systemd_analyze):
 
 @pytest.mark.parametrize("unit", UNIT_NAMES)
 def test_unit_runs_mayhem_as_the_daemon_expects(unit):
-    """Notify, watchdog, restart, stop and secret settings agree with what mayhem does.
+    """Notify, watchdog, restart, stop, secret and file settings agree with what mayhem does.
 
     Type=notify with a watchdog; on-failure restarts except for exit 2 (a configuration
     error); one SIGTERM to the main process and a stop timeout above drain_timeout; the
     relative default database inside the state directory; secrets as credentials that mayhem
-    reads from $CREDENTIALS_DIRECTORY.
+    reads from $CREDENTIALS_DIRECTORY; open files for the largest database pool and the
+    metrics endpoint.
     """
     assert _one(unit, "Type") == "notify"
     assert _one(unit, "NotifyAccess") == "main"
@@ -182,6 +186,10 @@ def test_unit_runs_mayhem_as_the_daemon_expects(unit):
     assert set(credentials) == {"amqp_url", "db_url"}
     assert set(credentials) <= set(SECRET_SETTINGS)
     assert all(path.startswith("/etc/mayhem/credentials/") for path in credentials.values())
+    # The pool at the highest concurrency, the metrics endpoint's connections, and room.
+    with pytest.raises(ConfigError):
+        Config.load(flags={"concurrency": MAX_CONCURRENCY + 1}, environ={})
+    assert int(_one(unit, "LimitNOFILE")) >= MAX_CONCURRENCY + 2 + MAX_HTTP_CONNECTIONS + 1024
     assert set(_values(unit, "RestrictAddressFamilies")[0].split()) == {
         "AF_UNIX",
         "AF_INET",
