@@ -3,7 +3,8 @@
 #
 #   bash deploy/install.sh [--instance NAME]... [--allow-ip ADDRESS]... [--no-package] [--no-start]
 #
-#   /opt/mayhem/venv          a virtualenv with mayhem (and your handlers: install them there)
+#   /opt/mayhem/venv          a virtualenv with mayhem (and your handlers: install them there),
+#                             its dependencies pinned by deploy/constraints.txt
 #   /etc/mayhem/mayhem.toml   the configuration, from systemd/mayhem.toml.example if missing
 #   /etc/mayhem/credentials/  amqp_url and db_url (0600), from the defaults if missing
 #   /etc/systemd/system/      mayhem.service and mayhem@.service, always replaced
@@ -89,7 +90,8 @@ if $install_package; then
     # Not editable: the service must not depend on this checkout staying where it is.
     "$venv/bin/pip" install --quiet --disable-pip-version-check --upgrade --force-reinstall \
         --no-deps .
-    "$venv/bin/pip" install --quiet --disable-pip-version-check .
+    # The dependencies at the versions this release was tested with, never just the newest.
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -c deploy/constraints.txt .
     install -m 0644 README.md "$DESTDIR$PREFIX/README.md"
     say "$("$venv/bin/mayhem" --version) installed in $venv"
 elif [[ ! -x $venv/bin/mayhem ]]; then

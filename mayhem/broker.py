@@ -19,8 +19,8 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from mayhem.amqp.link import describe_failure
 from mayhem.amqp.url import Endpoint
-from mayhem.config import mask_url
 from mayhem.exceptions import ConfigError, StartupError
+from mayhem.redact import mask_url
 from mayhem.retry import retry_queue, retry_tiers
 
 if TYPE_CHECKING:

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar
 
 from mayhem import logs
 from mayhem._version import __version__
-from mayhem.config import SETTINGS, Config, mask_url, show
+from mayhem.config import SECRET_SETTINGS, SETTINGS, Config, show
 from mayhem.exceptions import ConfigError, StartupError
+from mayhem.redact import install, mask_url, redact, url_secrets
 from mayhem.setting import DAEMON, ENV_PREFIX, Setting
 
 if TYPE_CHECKING:
@@ -158,11 +159,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         _mask_process_title()
     args = build_parser().parse_args(argv)
+    secrets: set[str] = set()
     try:
         config = Config.load(file=args.config, flags=_flags(args))
         if args.command == "check-config":
             return _check_config(config)
+        secrets = config_secrets(config)
         logs.setup(config.log_format, config.log_level)
+        # The safety net: a library's exception text or a traceback may quote a URL.
+        install(secrets)
         if args.command == "publish":
             return _publish(config, args)
         if args.command == "dead":
@@ -172,15 +177,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mayhem: configuration error: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_USAGE
     except StartupError as exc:
-        print(f"mayhem: {exc}", file=sys.stderr)  # noqa: T201
+        print(f"mayhem: {redact(str(exc), secrets)}", file=sys.stderr)  # noqa: T201
         return EXIT_FATAL
+
+
+def config_secrets(config: Config) -> set[str]:
+    """The passwords in the configuration's URLs, to be masked wherever they would show."""
+    return set().union(*(url_secrets(getattr(config, key)) for key in SECRET_SETTINGS))
 
 
 def _mask_process_title() -> None:
     """Rewrite the process title (``ps``, ``/proc/PID/cmdline``) with passwords masked."""
     import setproctitle  # noqa: PLC0415 -- only for the real command line
 
-    words = [mask_url(word) if "@" in word else word for word in sys.argv]
+    # Every word: a password can be in a URL's query (?password=) as well as before its '@'.
+    words = [mask_url(word) for word in sys.argv]
     if words != sys.argv:
         setproctitle.setproctitle(" ".join(["mayhem", *words[1:]]))
 

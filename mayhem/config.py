@@ -16,6 +16,7 @@ import attrs
 
 from mayhem.amqp.url import Endpoint, UrlError
 from mayhem.exceptions import ConfigError
+from mayhem.redact import mask_url
 from mayhem.setting import (
     DAEMON,
     EVERY_COMMAND,
@@ -33,25 +34,6 @@ if TYPE_CHECKING:
 # default); a handler must be cancelled well before that.
 CONSUMER_TIMEOUT: Final = 1800.0
 MAX_HANDLER_TIMEOUT: Final = CONSUMER_TIMEOUT / 2
-SECRET_MASK: Final = "***"  # noqa: S105 -- the mask, not a password
-
-
-def mask_url(url: str) -> str:
-    """Return ``url`` with its password replaced by ``***``.
-
-    Works on the raw text, not on a parse: a password with an unencoded ``#``, ``/`` or ``?``
-    confuses URL parsers, and masking too much is safe.
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    userinfo, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user, colon, _ = userinfo.partition(":")
-    if not colon:
-        return url
-    return f"{scheme}{sep}{user}:{SECRET_MASK}@{host}"
 
 
 def _parse_int(low: int, high: int) -> Callable[[object], int]:

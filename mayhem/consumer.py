@@ -22,8 +22,9 @@ import attrs
 from mayhem.amqp import Endpoint, Link, open_link
 from mayhem.amqp.url import UrlError
 from mayhem.broker import connection_name
-from mayhem.config import CONSUMER_TIMEOUT, mask_url
+from mayhem.config import CONSUMER_TIMEOUT
 from mayhem.exceptions import BrokerRefused, ConfigError, LinkLost, QueueMissing, StartupError
+from mayhem.redact import mask_url
 
 if TYPE_CHECKING:
     from collections.abc import Callable

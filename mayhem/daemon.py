@@ -18,12 +18,13 @@ import attrs
 
 from mayhem import logs
 from mayhem.broker import Broker
-from mayhem.config import Config, mask_url, reloadable_settings
+from mayhem.config import Config, reloadable_settings
 from mayhem.consumer import Consumer
 from mayhem.exceptions import ConfigError, MayhemError, StoreUnavailable
 from mayhem.handlers import DemoHandler, handler_setup, load_handler
 from mayhem.metrics import HealthServer, Metrics
 from mayhem.publisher import PublishReport, demo_stream, publish_bodies
+from mayhem.redact import mask_url
 from mayhem.retry import Failures
 from mayhem.settler import Settler
 from mayhem.signals import Signals

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -49,8 +50,8 @@ class Message:
 
         Raises:
             DecodeError: the content type is set and is not JSON, or the body is not UTF-8
-                JSON, is nested too deeply or holds a number too long to convert; the message
-                is dead-lettered.
+                JSON, is nested too deeply, holds a number too long to convert or too large
+                for a float (``1e400``); the message is dead-lettered.
         """
         if self.content_type:
             media_type = self.content_type.partition(";")[0].strip().lower()
@@ -62,7 +63,7 @@ class Message:
         except UnicodeDecodeError:
             raise DecodeError("body is not valid UTF-8") from None
         try:
-            return json.loads(text, parse_constant=_reject_constant)
+            return json.loads(text, parse_float=_finite_float, parse_constant=_reject_constant)
         except RecursionError:
             raise DecodeError("JSON nested too deeply") from None
         except json.JSONDecodeError as exc:
@@ -73,6 +74,16 @@ class Message:
 
 def _reject_constant(name: str) -> None:
     raise DecodeError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    # 1e400 is valid JSON syntax, but float() makes it infinity, which NaN/Infinity's refusal
+    # above keeps out of handlers: a handler would store or compute with it unawares.
+    number = float(text)
+    if math.isinf(number):
+        shown = text if len(text) <= 24 else text[:24] + "..."  # noqa: PLR2004
+        raise DecodeError(f"number {shown} is too large for a float")
+    return number
 
 
 @attrs.frozen(slots=True)

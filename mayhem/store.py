@@ -24,7 +24,6 @@ from urllib.parse import urlsplit
 import aiosqlite
 import asyncpg
 
-from mayhem.config import mask_url
 from mayhem.exceptions import (
     ConfigError,
     StartupError,
@@ -32,6 +31,7 @@ from mayhem.exceptions import (
     TransactionAborted,
     TransactionClosed,
 )
+from mayhem.redact import mask_url
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable

@@ -127,6 +127,20 @@ def test_check_config_masks_db_url(capsys):
     assert shown["db_url"] == '"postgresql://u:***@db/app"'
 
 
+def test_check_config_masks_passwords_in_url_options(capsys):
+    """A password passed as ?password= (or ?sslpassword=) and a Pushgateway's are masked."""
+    shown = check_config(
+        capsys,
+        [
+            "--db-url", "postgresql://u@db/app?sslpassword=key-secret&password=pg-secret",
+            "--pushgateway", "http://pusher:push-secret@push/",
+        ],
+    )  # fmt: skip
+    assert shown["db_url"] == '"postgresql://u@db/app?sslpassword=***&password=***"'
+    assert shown["pushgateway"] == '"http://pusher:***@push/"'
+    assert "secret" not in repr(shown)
+
+
 def test_check_config_sources(capsys, tmp_path, monkeypatch):
     """check-config shows the flag over MAYHEM_* over the file."""
     path = tmp_path / "mayhem.toml"

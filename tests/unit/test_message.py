@@ -126,6 +126,34 @@ def test_json_huge_integer(body):
 
 @pytest.mark.parametrize(
     "body",
+    [
+        b"1e400",
+        b"-1e400",
+        b"1E+400",
+        b"[1, 2.5, [3, 1.8e308]]",
+        b'{"a": {"b": [-1e400]}}',
+        b"1" + b"0" * 400 + b".0",  # no exponent, just long
+    ],
+)
+def test_json_number_too_large_for_a_float(body):
+    """A number that float() would make infinity is a DecodeError, wherever it is nested."""
+    reason = decode_error(Message(message_id="m", body=body))
+    assert reason.startswith("number ")
+    assert reason.endswith(" is too large for a float")
+    assert len(reason) < 80
+
+
+def test_json_large_and_tiny_finite_numbers_decode():
+    """The largest finite double and an underflow to zero are still numbers."""
+    assert Message(message_id="m", body=b"[1.7976931348623157e308, 1e-400, -0.0]").json() == [
+        1.7976931348623157e308,
+        0.0,
+        -0.0,
+    ]
+
+
+@pytest.mark.parametrize(
+    "body",
     [b'"\xed\xa0\x80"', '{"host": "h"}'.encode("utf-16"), '{"a": 1}'.encode("utf-32")],
     ids=["surrogate", "utf16", "utf32"],
 )

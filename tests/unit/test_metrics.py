@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import http.server
 import logging
+import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -202,6 +206,23 @@ def test_textfile_rewritten_atomically(tmp_path):
     assert samples(path.read_text())[("mayhem_messages_total", (("outcome", "acked"),))] == 1
 
 
+@pytest.mark.parametrize(
+    ("umask", "mode"), [(0o077, 0o600), (0o027, 0o640), (0o022, 0o640), (0, 0o640)]
+)
+def test_textfile_mode_follows_the_umask_never_wider_than_0640(tmp_path, umask, mode):
+    """Owner read-write, group read at most, others nothing; a wider old file is replaced."""
+    path = tmp_path / "mayhem.prom"
+    path.write_text("")
+    path.chmod(0o644)
+    old = os.umask(umask)
+    try:
+        Metrics().flush(str(path), None, "mayhem")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert [p.name for p in tmp_path.iterdir()] == ["mayhem.prom"]
+
+
 def test_textfile_failure_is_logged_not_raised(tmp_path, caplog):
     """An unwritable textfile path is a warning: the shutdown goes on."""
     blocker = tmp_path / "a-file"
@@ -213,10 +234,12 @@ def test_textfile_failure_is_logged_not_raised(tmp_path, caplog):
 
 class _Pushgateway(http.server.BaseHTTPRequestHandler):
     pushes: list[tuple[str, str, bytes]]
+    authorizations: list[str | None]
 
     def do_PUT(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.pushes.append(("PUT", self.path, body))
+        self.authorizations.append(self.headers["Authorization"])
         self.send_response(200)
         self.end_headers()
 
@@ -225,15 +248,16 @@ class _Pushgateway(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def pushgateway() -> Iterator[tuple[str, list[tuple[str, str, bytes]]]]:
+def pushgateway() -> Iterator[tuple[str, list[tuple[str, str, bytes]], list[str | None]]]:
     """A tiny HTTP server on loopback standing in for a Pushgateway; records the pushes."""
     pushes: list[tuple[str, str, bytes]] = []
-    handler = type("Handler", (_Pushgateway,), {"pushes": pushes})
+    authorizations: list[str | None] = []
+    handler = type("Handler", (_Pushgateway,), {"pushes": pushes, "authorizations": authorizations})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", pushes
+        yield f"http://127.0.0.1:{server.server_address[1]}", pushes, authorizations
     finally:
         server.shutdown()
         server.server_close()
@@ -242,7 +266,7 @@ def pushgateway() -> Iterator[tuple[str, list[tuple[str, str, bytes]]]]:
 
 def test_pushgateway_gets_the_final_values(pushgateway):
     """The flush PUTs mayhem's metrics (only those) under job "mayhem"."""
-    url, pushes = pushgateway
+    url, pushes, authorizations = pushgateway
     metrics = Metrics()
     metrics.dead_lettered.inc(2)
     metrics.flush(None, url, "mayhem")
@@ -251,6 +275,8 @@ def test_pushgateway_gets_the_final_values(pushgateway):
     values = samples(body.decode())
     assert values[("mayhem_messages_total", (("outcome", "dead_lettered"),))] == 2
     assert all(name.startswith("mayhem_") for name, _ in values)
+    assert authorizations == [None]
+    assert authorizations == [None]
 
 
 def test_pushgateway_failure_is_logged_without_the_password(caplog):
@@ -259,3 +285,141 @@ def test_pushgateway_failure_is_logged_without_the_password(caplog):
         Metrics().flush(None, "http://pusher:s3cret-pw@127.0.0.1:9/", "mayhem")
     assert "not pushed" in caplog.text
     assert "s3cret-pw" not in caplog.text
+
+
+def test_pushgateway_credentials_in_the_url_are_sent_as_basic_auth(pushgateway):
+    """user:password@ in the URL authenticates the push (urllib would read it as a host)."""
+    url, pushes, authorizations = pushgateway
+    Metrics().flush(None, url.replace("http://", "http://pusher:p%40ss-w0rd@"), "mayhem")
+    [(method, path, _)] = pushes
+    assert (method, path) == ("PUT", "/metrics/job/mayhem")
+    assert authorizations == ["Basic " + base64.b64encode(b"pusher:p@ss-w0rd").decode()]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://pusher:s3cret-pw@127.0.0.1/",  # no port: http.client read 's3cret-pw@...' as one
+        "pusher:s3cret-pw@127.0.0.1",
+        "http://pusher:s3cret-pw@[::1/",
+    ],
+)
+def test_pushgateway_url_without_port_fails_as_one_masked_line(caplog, url):
+    """Any failure of the push is a warning without the password, never an exception."""
+    with caplog.at_level(logging.WARNING, logger="mayhem.metrics"):
+        Metrics().flush(None, url, "mayhem")
+    [record] = caplog.records
+    assert record.getMessage().startswith("metrics not pushed to ")
+    assert record.exc_info is None
+    assert "s3cret-pw" not in caplog.text
+
+
+# -- the endpoint's limits ------------------------------------------------------------------
+
+
+async def _connect(addr: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, _, port = addr.rpartition(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def _closed_by_server(reader: asyncio.StreamReader) -> bool:
+    """The server closed the connection without an answer (a reset, if data was unread)."""
+    try:
+        return await asyncio.wait_for(reader.read(), 5) == b""
+    except ConnectionResetError:
+        return True
+
+
+async def test_endpoint_refuses_connections_beyond_its_limit(serve, caplog):
+    """Past max_connections, a new connection is closed at once, counted and logged once.
+
+    1. Three idle connections fill a limit of 3.
+    2. Two more are closed by the server without an answer; the refusal counter says 2 and
+       one warning says why.
+    3. Once one idle connection is closed, /healthz answers again.
+    """
+    metrics = Metrics()
+    server = await serve(metrics, list, max_connections=3)
+    writers = []
+    try:
+        idle = [await _connect(server.bound) for _ in range(3)]
+        writers += [writer for _, writer in idle]
+        await wait_until(lambda: server.open_connections == 3, timeout=5)
+        with caplog.at_level(logging.WARNING, logger="mayhem.metrics"):
+            for _ in range(2):
+                reader, writer = await _connect(server.bound)
+                writers.append(writer)
+                writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert await _closed_by_server(reader)
+        assert metrics.value("mayhem_http_connections_refused_total") == 2
+        [record] = caplog.records
+        assert record.getMessage() == (
+            "metrics endpoint: refusing connections beyond 3 open ◆ 1 refused so far"
+        )
+        idle[0][1].close()
+        await wait_until(lambda: server.open_connections == 2, timeout=5)
+        assert (await http_get(server.bound, "/healthz"))[0] == 200
+    finally:
+        for writer in writers:
+            writer.close()
+
+
+async def test_endpoint_closes_idle_and_slow_connections(serve):
+    """A connection that sends nothing, or its request's head too slowly, is closed.
+
+    idle_timeout 0.5 s: one connection sends nothing; another sends a header line every
+    0.1 s and never finishes; a third is a keep-alive client that got its answer. The server
+    closes all three, and counts none of them as refused.
+    """
+    metrics = Metrics()
+    server = await serve(metrics, list, idle_timeout=0.5)
+    silent_reader, silent_writer = await _connect(server.bound)
+    slow_reader, slow_writer = await _connect(server.bound)
+    kept_reader, kept_writer = await _connect(server.bound)
+    try:
+        kept_writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(kept_reader.readuntil(b"ok\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        slow_writer.write(b"GET /metrics HTTP/1.1\r\n")
+        began = time.monotonic()
+        while not slow_reader.at_eof() and time.monotonic() - began < 5:
+            slow_writer.write(b"X-Slow: 1\r\n")
+            with contextlib.suppress(TimeoutError, ConnectionResetError):
+                await asyncio.wait_for(slow_reader.read(), 0.1)
+        assert slow_reader.at_eof()
+        assert time.monotonic() - began < 2
+        assert await _closed_by_server(silent_reader)
+        assert await _closed_by_server(kept_reader)
+        await wait_until(lambda: server.open_connections == 0, timeout=5)
+        assert metrics.value("mayhem_http_connections_refused_total") == 0
+    finally:
+        for writer in (silent_writer, slow_writer, kept_writer):
+            writer.close()
+
+
+async def test_endpoint_keeps_a_busy_keepalive_connection(serve):
+    """Requests on one keep-alive connection, closer together than idle_timeout, all answer."""
+    server = await serve(Metrics(), list, idle_timeout=0.5)
+    reader, writer = await _connect(server.bound)
+    for _ in range(4):
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"ok\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(0.3)  # the scenario: a scraper's pause, under the idle timeout
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_endpoint_answers_unknown_paths_and_methods(serve):
+    server = await serve(Metrics(), list)
+    assert (await http_get(server.bound, "/nope"))[0] == 404
+    reader, writer = await _connect(server.bound)
+    try:
+        writer.write(
+            b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 405")
+    assert b"Allow: GET, HEAD" in answer

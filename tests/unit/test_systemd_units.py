@@ -10,6 +10,7 @@ machine's unit directory (/usr/lib/systemd/system), the units under test in
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import shutil
@@ -20,16 +21,22 @@ from pathlib import Path
 
 import attrs
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from mayhem.cli import EXIT_USAGE
 from mayhem.config import SECRET_SETTINGS, Config
+from mayhem.exceptions import ConfigError
+from mayhem.metrics import MAX_HTTP_CONNECTIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
 EXAMPLE = UNITS / "mayhem.toml.example"
 INSTALL = ROOT / "deploy" / "install.sh"
+CONSTRAINTS = ROOT / "deploy" / "constraints.txt"
 EXPOSURE = re.compile(r"Overall exposure level for (\S+): (\d+\.\d)")
 # Each unit, by the name systemd would load it under (the template as one instance).
+MAX_CONCURRENCY = 4096  # the highest concurrency the configuration accepts
 UNIT_NAMES = {"mayhem.service": "mayhem.service", "mayhem@.service": "mayhem@a.service"}
 
 
@@ -152,12 +159,13 @@ def test_security_exposure_at_most_1_0(unit, unit_root, systemd_analyze):
 
 @pytest.mark.parametrize("unit", UNIT_NAMES)
 def test_unit_runs_mayhem_as_the_daemon_expects(unit):
-    """Notify, watchdog, restart, stop and secret settings agree with what mayhem does.
+    """Notify, watchdog, restart, stop, secret and file settings agree with what mayhem does.
 
     Type=notify with a watchdog; on-failure restarts except for exit 2 (a configuration
     error); one SIGTERM to the main process and a stop timeout above drain_timeout; the
     relative default database inside the state directory; secrets as credentials that mayhem
-    reads from $CREDENTIALS_DIRECTORY.
+    reads from $CREDENTIALS_DIRECTORY; open files for the largest database pool and the
+    metrics endpoint.
     """
     assert _one(unit, "Type") == "notify"
     assert _one(unit, "NotifyAccess") == "main"
@@ -182,6 +190,10 @@ def test_unit_runs_mayhem_as_the_daemon_expects(unit):
     assert set(credentials) == {"amqp_url", "db_url"}
     assert set(credentials) <= set(SECRET_SETTINGS)
     assert all(path.startswith("/etc/mayhem/credentials/") for path in credentials.values())
+    # The pool at the highest concurrency, the metrics endpoint's connections, and room.
+    with pytest.raises(ConfigError):
+        Config.load(flags={"concurrency": MAX_CONCURRENCY + 1}, environ={})
+    assert int(_one(unit, "LimitNOFILE")) >= MAX_CONCURRENCY + 2 + MAX_HTTP_CONNECTIONS + 1024
     assert set(_values(unit, "RestrictAddressFamilies")[0].split()) == {
         "AF_UNIX",
         "AF_INET",
@@ -316,3 +328,45 @@ def test_install_refuses_bad_arguments(tmp_path, args, needle):
     assert done.returncode != 0
     assert needle in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def _runtime_closure() -> dict[str, str]:
+    """The runtime dependencies of mayhem and theirs, by normalised name, at installed versions."""
+    found: dict[str, str] = {}
+    todo = ["mayhem"]
+    while todo:
+        dist = importlib.metadata.distribution(todo.pop())
+        name = canonicalize_name(dist.metadata["Name"])
+        if name in found:
+            continue
+        found[name] = dist.version
+        for text in dist.requires or []:
+            requirement = Requirement(text)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    del found["mayhem"]
+    return found
+
+
+def test_constraints_pin_the_tested_runtime_dependencies():
+    """deploy/constraints.txt pins exactly the runtime dependencies installed and tested here.
+
+    Not the test tools; every dependency in pyproject.toml within its range; install.sh and CI
+    install with it. On a mismatch the message is the list to put in the file.
+    """
+    pinned = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep, line
+            pinned[canonicalize_name(name)] = version
+    closure = _runtime_closure()
+    assert pinned == closure, "\n".join(f"{k}=={v}" for k, v in sorted(closure.items()))
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for text in project["dependencies"]:
+        requirement = Requirement(text)
+        assert requirement.specifier.contains(pinned[canonicalize_name(requirement.name)])
+    for text in project["optional-dependencies"]["test"]:
+        assert canonicalize_name(Requirement(text).name) not in pinned
+    assert "-c deploy/constraints.txt ." in INSTALL.read_text()
+    assert "-c deploy/constraints.txt -e '.[test]'" in (ROOT / ".ci/run").read_text()
