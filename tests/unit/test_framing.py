@@ -9,6 +9,7 @@ close with :class:`~mayhem.exceptions.LinkLost`. Nothing else may escape ``data_
 from __future__ import annotations
 
 import asyncio
+import itertools
 from datetime import UTC, datetime
 from typing import Any
 
@@ -267,7 +268,7 @@ def test_a_skipped_body_longer_than_declared_closes_the_link():
 
 
 def test_get_returns_after_get_ok_and_its_content_is_a_delivery():
-    """``Link.get``: basic.get written; get-ok's content comes to on_delivery; get-empty is False."""
+    """``Link.get`` writes basic.get; get-ok's content goes to on_delivery; get-empty is False."""
     data = b"from get"
     start = commands.Connection.Start(server_properties={}, mechanisms="PLAIN", locales="en_US")
 
@@ -280,7 +281,7 @@ def test_get_returns_after_get_ok_and_its_content_is_a_delivery():
         empty = asyncio.ensure_future(fed.link.get("q"))
         await asyncio.sleep(0)
         fed.link.data_received(frame.marshal(commands.Basic.GetEmpty(), 1))
-        transport = fed.link._transport  # noqa: SLF001 -- what was written
+        transport = fed.link._transport  # what was written
         assert isinstance(transport, FakeTransport)
         return fed, await got, await empty, b"".join(transport.written)
 
@@ -325,7 +326,7 @@ def _stream(batch: list[tuple[bytes, dict[str, Any], int]]) -> bytes:
 
 def _chunks(stream: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
-    return [stream[a:b] for a, b in zip(points, points[1:], strict=False)]
+    return [stream[a:b] for a, b in itertools.pairwise(points)]
 
 
 fast = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
