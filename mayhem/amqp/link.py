@@ -44,6 +44,7 @@ CONNECT_TIMEOUT: Final = 10.0
 REPLY_TIMEOUT: Final = 10.0
 _ACCESS_REFUSED: Final = 403
 _CLOSED: Final = "the consuming connection is closed"
+_CONTENT_METHODS: Final = frozenset((DELIVER_INDEX, GET_OK_INDEX))
 _GET_OK: Final = commands.Basic.GetOk()  # what get() waits for (the fields go to _deliver)
 
 
@@ -147,7 +148,7 @@ class Link(asyncio.Protocol):
         if channel != CHANNEL or self._deliver is not None:
             _check_method_channel(channel)
         index = int.from_bytes(data[:4])
-        if index in {DELIVER_INDEX, GET_OK_INDEX}:
+        if index in _CONTENT_METHODS:
             if channel != CHANNEL:
                 raise _off_channel(constants.FRAME_METHOD, channel)
             # [consumer tag,] delivery tag, redelivered, exchange, routing key
