@@ -42,6 +42,10 @@ CHANNEL: Final = 1
 FRAME_MAX: Final = 131_072
 CONNECT_TIMEOUT: Final = 10.0
 REPLY_TIMEOUT: Final = 10.0
+# RabbitMQ does not split a content header to frame_max: it passes on what publishers sent
+# (up to the broker's own frame_max, which may be larger than ours) plus the headers it adds
+# when dead-lettering (x-death). Header frames get this much room beyond the larger of the two.
+HEADER_SLACK: Final = 1 << 20
 _ACCESS_REFUSED: Final = 403
 _CLOSED: Final = "the consuming connection is closed"
 _CONTENT_METHODS: Final = frozenset((DELIVER_INDEX, GET_OK_INDEX))
@@ -81,6 +85,7 @@ class Link(asyncio.Protocol):
         self.max_body: int | None = None
         # Until Connection.Tune, the most we would ever agree to.
         self._payload_max = FRAME_MAX - 8
+        self._header_max = FRAME_MAX + HEADER_SLACK - 8
         self._heartbeat = 0
         self._heartbeat_timer: asyncio.TimerHandle | None = None
         self._last_received = self._loop.time()
@@ -104,10 +109,11 @@ class Link(asyncio.Protocol):
             # Once closed (the broker closed it, or a frame was refused) what follows is void.
             while size - offset >= FRAME_MIN and not self.closed:
                 kind, channel, length = FRAME_HEAD.unpack_from(buffer, offset)
-                if length > self._payload_max:
+                if length > self._payload_max and (
+                    kind != constants.FRAME_HEADER or length > self._header_max
+                ):
                     # Checked on the frame head: never buffer up to what a peer declares.
-                    msg = f"frame of {length + 8} bytes over frame_max ({self._payload_max + 8})"
-                    raise LinkLost(msg)
+                    raise _too_large(kind, length, self._payload_max)
                 end = offset + 7 + length
                 if end >= size:
                     break
@@ -315,6 +321,7 @@ class Link(asyncio.Protocol):
         self._heartbeat = endpoint.heartbeat and _negotiate(endpoint.heartbeat, tune.heartbeat)
         frame_max = _negotiate(FRAME_MAX, tune.frame_max)
         self._payload_max = frame_max - 8
+        self._header_max = max(frame_max, tune.frame_max) + HEADER_SLACK - 8
         open_reply = self._expect(commands.Connection.OpenOk)
         self._write(
             commands.Connection.TuneOk(
@@ -478,6 +485,12 @@ def _negotiate(ours: int, theirs: int) -> int:
     if not ours or not theirs:
         return ours or theirs
     return min(ours, theirs)
+
+
+def _too_large(kind: int, length: int, payload_max: int) -> LinkLost:
+    if kind == constants.FRAME_HEADER:
+        return LinkLost(f"content header frame of {length + 8} bytes, too large to read")
+    return LinkLost(f"frame of {length + 8} bytes over frame_max ({payload_max + 8})")
 
 
 def _off_channel(kind: int, channel: int) -> LinkLost:

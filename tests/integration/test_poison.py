@@ -15,6 +15,7 @@ from pathlib import Path
 import pika
 import pytest
 from mayhem_testing import daemon_args, declare, drain, metric, publish, wait_until
+from pamqp import commands, frame, header
 
 from mayhem.dead import dead_list, dead_replay, format_letters
 
@@ -227,3 +228,29 @@ async def test_an_oversized_body_does_not_raise_the_daemons_memory(amqp, make_co
     assert await daemon.stop() == 0
     [dead] = await drain(amqp, config.dead_queue)
     assert dead.body == body
+
+
+async def test_a_header_that_grows_past_frame_max_on_the_broker_is_still_read(
+    amqp, make_config, run_daemon
+):
+    """Headers filling a whole frame, then x-death added by the broker: still readable.
+
+    1. A message whose content header frame is just under frame_max, with a body over
+       max_message_bytes: rejected to the dead-letter exchange, which adds x-death.
+    2. RabbitMQ passes the now larger header on unsplit: `dead list` still reads it.
+    """
+    config = make_config(handler="sample_handlers:record", max_message_bytes=10)
+    probe = frame.marshal(
+        header.ContentHeader(
+            0,
+            11,
+            commands.Basic.Properties(headers={"pad": ""}, message_id="wide", delivery_mode=2),
+        ),
+        1,
+    )
+    pad = "p" * (131_072 - len(probe) - 16)
+    async with run_daemon(config) as daemon:
+        await publish(amqp, config.queue, [b"x" * 11], message_ids=["wide"], headers={"pad": pad})
+        await wait_until(lambda: _outcome(daemon, "rejected") == 1)
+    [letter] = (await dead_list(config, limit=10)).letters
+    assert (letter.message_id, letter.reason, letter.size) == ("wide", "rejected", 11)

@@ -20,7 +20,7 @@ from pamqp import commands, frame, header
 
 from mayhem.amqp import Delivery, Link, decode_content_header
 from mayhem.amqp.framing import FRAME_HEAD, MAX_HEADER_DEPTH
-from mayhem.amqp.link import FRAME_MAX
+from mayhem.amqp.link import FRAME_MAX, HEADER_SLACK
 from mayhem.exceptions import LinkLost
 
 # -- building frames -------------------------------------------------------------------------
@@ -242,6 +242,20 @@ def test_a_frame_over_frame_max_is_refused_from_its_head():
     fed = feed(deliver(1) + content_header(len(data)) + body(data))
     assert fed.lost == []
     assert fed.deliveries[0].body == data
+
+
+def test_a_content_header_may_exceed_frame_max_by_what_the_broker_adds():
+    """RabbitMQ passes content headers on unsplit, with x-death added: they get some room.
+
+    A header frame a little over frame_max is read; one past the room is refused from its head.
+    """
+    headers = {"pad": "p" * FRAME_MAX}
+    fed = feed(deliver(1) + content_header(1, message_id="wide", headers=headers) + body(b"w"))
+    assert fed.lost == []
+    [delivery] = fed.deliveries
+    assert (delivery.message_id, delivery.headers, delivery.body) == ("wide", headers, b"w")
+    fed = feed(deliver(1) + FRAME_HEAD.pack(2, 1, FRAME_MAX + HEADER_SLACK) + b"x")
+    assert fed.error.startswith("content header frame of")
 
 
 def test_a_body_over_max_body_is_skipped_unread():
