@@ -209,7 +209,8 @@ class Consumer:
         async with self._subscription:
             link = self._link
             if self._wanted and link is not None and not link.closed and not link.consumer_tag:
-                await link.consume(self._config.queue)
+                # A body over max_message_bytes is refused by its declared size, never read.
+                await link.consume(self._config.queue, max_body=self._config.max_message_bytes)
                 self.queue_missing = False
 
     async def cancel(self) -> None:

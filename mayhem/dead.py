@@ -5,26 +5,58 @@ is done with it: a message is acknowledged (removed) only after its replay is co
 the broker, and whatever is not acknowledged goes back to the queue when the channel closes.
 An interrupted command therefore loses nothing; an interrupted replay may leave a message in
 both queues, and the inbox applies it once.
+
+Messages are read through mayhem's own client (:mod:`mayhem.amqp`), which decodes hostile
+properties per message (headers it cannot decode become ``{}`` and ``malformed`` says why)
+where aio-pika's reader would drop the connection; aio-pika declares, purges and publishes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import re
 import time
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Final
 
 import aiormq
 import attrs
 
-from mayhem.broker import connect
-from mayhem.exceptions import ConfigError
+from mayhem.amqp import Endpoint, open_link
+from mayhem.broker import connect, connection_name
+from mayhem.exceptions import ConfigError, LinkLost, StartupError
+from mayhem.redact import mask_url
 from mayhem.retry import copy_message, parse_timestamp, strip_mayhem_headers
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Collection
 
-    from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+    from aio_pika.abc import AbstractChannel, AbstractQueue
 
+    from mayhem.amqp import Delivery, Link
     from mayhem.config import Config
+
+log = logging.getLogger(__name__)
+
+# C0 and C1 controls, and the Unicode line separators and bidirectional overrides that can
+# make a terminal show something other than what the message holds.
+_CONTROL: Final = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+)
+
+_LATIN1: Final = 0xFF
+
+
+def printable(text: str) -> str:
+    r"""``text`` with control characters escaped (``\x1b``, ``\u202e``), safe on a terminal."""
+    return _CONTROL.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= _LATIN1 else f"\\u{code:04x}"
 
 
 @attrs.frozen
@@ -39,19 +71,50 @@ class DeadLetter:
     size: int
 
     @classmethod
-    def of(cls, message: AbstractIncomingMessage, now: float) -> DeadLetter:
-        """Read the ``x-mayhem-*`` headers of a dead-lettered message."""
-        headers: dict[str, Any] = dict(message.headers or {})
+    def of(cls, message: Delivery, now: float, max_bytes: int | None = None) -> DeadLetter:
+        """Read the ``x-mayhem-*`` headers of a dead-lettered message.
+
+        One the broker dead-lettered (``x-death``, no ``x-mayhem-reason``: a body over
+        ``max_message_bytes`` that mayhem rejected unread, say) is described from ``x-death``.
+        Properties that cannot be decoded are shown as ``<undecodable: ...>``.
+        """
+        headers: dict[str, Any] = dict(message.headers)
         last = parse_timestamp(headers.get("x-mayhem-last-failure"))
         attempts = headers.get("x-mayhem-attempts", 0)
+        reason = headers.get("x-mayhem-reason")
+        error = str(headers.get("x-mayhem-error", ""))
+        size = len(message.body)
+        if reason is None:
+            reason, error, last = _broker_death(headers, size, max_bytes)
+        if message.malformed:
+            error = f"<undecodable: {message.malformed}> {error}".rstrip()
         return cls(
             message_id=message.message_id or "-",
-            reason=str(headers.get("x-mayhem-reason", "broker")),
+            reason=str(reason),
             attempts=attempts if type(attempts) is int else 0,
             age=now - last if last is not None else None,
-            error=str(headers.get("x-mayhem-error", "")),
-            size=len(message.body),
+            error=error,
+            size=size,
         )
+
+
+def _broker_death(
+    headers: dict[str, Any], size: int, max_bytes: int | None
+) -> tuple[str, str, float | None]:
+    """Reason, error and time of a message the broker dead-lettered, from ``x-death``."""
+    deaths = headers.get("x-death")
+    death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
+    reason = death.get("reason") or headers.get("x-first-death-reason")
+    if not isinstance(reason, str):
+        return "broker", "", None
+    queue = death.get("queue") or headers.get("x-first-death-queue") or "?"
+    at = death.get("time")
+    when = at.timestamp() if isinstance(at, datetime) else None
+    if reason == "rejected" and max_bytes is not None and size > max_bytes:
+        error = f"body of {size} bytes over max_message_bytes ({max_bytes}): rejected unread"
+    else:
+        error = f"dead-lettered by the broker from {queue} ({reason})"
+    return reason, error, when
 
 
 @attrs.define
@@ -71,15 +134,80 @@ async def _existing(channel: AbstractChannel, queue: str) -> AbstractQueue:
         raise ConfigError(f"queue {queue!r} does not exist on the broker") from None
 
 
-async def _walk(channel: AbstractChannel, queue: str) -> AsyncIterator[AbstractIncomingMessage]:
-    """Every message now in ``queue``, taken unacknowledged, once each."""
-    declared = await _existing(channel, queue)
+class _Reader:
+    """Takes the messages of one queue through a :class:`~mayhem.amqp.Link`, one at a time."""
+
+    def __init__(self) -> None:
+        self.link: Link | None = None
+        self._arrived: asyncio.Queue[Delivery | None] = asyncio.Queue()
+
+    def on_delivery(self, delivery: Delivery) -> None:
+        self._arrived.put_nowait(delivery)
+
+    def on_lost(self, _: Link, exc: BaseException | None) -> None:
+        if exc is not None:
+            self._arrived.put_nowait(None)  # wakes a get() waiting for its content
+
+    async def get(self, queue: str) -> Delivery | None:
+        """The next message, unacknowledged, or ``None`` when the queue is empty.
+
+        Raises:
+            LinkLost: the connection failed.
+        """
+        if self.link is None or not await self.link.get(queue):
+            return None
+        delivery = await self._arrived.get()
+        if delivery is None:
+            raise LinkLost("the connection was lost while a message was read")
+        return delivery
+
+
+@contextlib.asynccontextmanager
+async def _walk(
+    config: Config, channel: AbstractChannel, role: str
+) -> AsyncIterator[AsyncIterator[Delivery]]:
+    """Every message now in the dead-letter queue, taken unacknowledged, once each.
+
+    Raises:
+        ConfigError: the queue does not exist.
+        StartupError: the reading connection could not be opened, or failed.
+    """
+    declared = await _existing(channel, config.dead_queue)
     count = declared.declaration_result.message_count or 0
-    for _ in range(count):
-        message = await declared.get(no_ack=False, fail=False)
-        if message is None:
-            return
-        yield message
+    reader = _Reader()
+    url = mask_url(config.amqp_url)
+    try:
+        reader.link = await open_link(
+            Endpoint.from_url(config.amqp_url),
+            client_properties={"connection_name": connection_name(config.queue, role)},
+            prefetch=1,
+            on_delivery=reader.on_delivery,
+            on_lost=reader.on_lost,
+        )
+    except LinkLost as exc:
+        raise StartupError(f"cannot connect to broker {url}: {exc}") from None
+
+    async def messages() -> AsyncIterator[Delivery]:
+        for _ in range(count):
+            delivery = await reader.get(config.dead_queue)
+            if delivery is None:
+                return
+            yield delivery
+
+    try:
+        yield messages()
+    except LinkLost as exc:
+        raise StartupError(
+            f"broker {url} failed while reading {config.dead_queue}: {exc}"
+        ) from None
+    finally:
+        # Closing gives every unacknowledged message back to the queue.
+        await reader.link.close()
+
+
+def _ack(delivery: Delivery) -> None:
+    # Sent before the link's close, which the broker answers only after it: never lost.
+    delivery.link.ack(0, (delivery.delivery_tag,))
 
 
 async def dead_list(config: Config, *, limit: int) -> DeadReport:
@@ -89,33 +217,53 @@ async def dead_list(config: Config, *, limit: int) -> DeadReport:
     try:
         channel = await connection.channel()
         now = time.time()
-        async for message in _walk(channel, config.dead_queue):
-            report.total += 1
-            if len(report.letters) < limit:
-                report.letters.append(DeadLetter.of(message, now))
+        async with _walk(config, channel, "dead-list-reader") as messages:
+            async for message in messages:
+                report.total += 1
+                if len(report.letters) < limit:
+                    report.letters.append(DeadLetter.of(message, now, config.max_message_bytes))
         report.matched = len(report.letters)
     finally:
-        # Closing the channel gives every unacknowledged message back to the queue.
         await connection.close()
     return report
 
 
 async def dead_replay(config: Config, *, ids: Collection[str] | None) -> DeadReport:
-    """Send dead-lettered messages (``ids``, or all) back to the work queue, attempts reset."""
+    """Send dead-lettered messages (``ids``, or all) back to the work queue, attempts reset.
+
+    Headers that cannot be decoded are left behind (``x-mayhem-error`` on the copy says so);
+    a message whose ``message_id`` or another text property is not UTF-8 stays in the
+    dead-letter queue (its id could not be kept) and is counted as not done.
+    """
     report = DeadReport()
     connection = await connect(config, role="dead-replay")
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        async for message in _walk(channel, config.dead_queue):
-            report.total += 1
-            if ids is not None and message.message_id not in ids:
-                continue
-            report.matched += 1
-            copy = copy_message(message, strip_mayhem_headers(dict(message.headers or {})))
-            # Confirmed first, removed after: never in neither queue.
-            await channel.default_exchange.publish(copy, routing_key=config.queue, mandatory=True)
-            await message.ack()
-            report.done += 1
+        async with _walk(config, channel, "dead-replay-reader") as messages:
+            async for message in messages:
+                report.total += 1
+                if ids is not None and message.message_id not in ids:
+                    continue
+                report.matched += 1
+                headers = strip_mayhem_headers(dict(message.headers))
+                if message.malformed:
+                    if "not valid UTF-8" in message.malformed:
+                        log.warning(
+                            "not replayed: %s (message_id %s)",
+                            message.malformed,
+                            printable(message.message_id or "-"),
+                        )
+                        continue
+                    why = f"replayed without what could not be decoded: {message.malformed}"
+                    headers["x-mayhem-error"] = why
+                    log.warning("%s (message_id %s)", why, printable(message.message_id or "-"))
+                copy = copy_message(message, headers)
+                # Confirmed first, removed after: never in neither queue.
+                await channel.default_exchange.publish(
+                    copy, routing_key=config.queue, mandatory=True
+                )
+                _ack(message)
+                report.done += 1
     finally:
         await connection.close()
     return report
@@ -132,12 +280,13 @@ async def dead_purge(config: Config, *, ids: Collection[str] | None) -> DeadRepo
             purged = await queue.purge()
             report.total = report.matched = report.done = purged.message_count or 0
             return report
-        async for message in _walk(channel, config.dead_queue):
-            report.total += 1
-            if message.message_id in ids:
-                report.matched += 1
-                await message.ack()
-                report.done += 1
+        async with _walk(config, channel, "dead-purge-reader") as messages:
+            async for message in messages:
+                report.total += 1
+                if message.message_id in ids:
+                    report.matched += 1
+                    _ack(message)
+                    report.done += 1
     finally:
         await connection.close()
     return report
@@ -148,9 +297,8 @@ def format_letters(report: DeadReport, queue: str) -> str:
     lines = [f"{'MESSAGE_ID':<34} {'REASON':<9} {'ATTEMPTS':>8} {'AGE':>9}  ERROR"]
     for letter in report.letters:
         age = f"{letter.age:.0f}s" if letter.age is not None else "-"
-        error = " ".join(letter.error.split())[:80]
-        lines.append(
-            f"{letter.message_id:<34} {letter.reason:<9} {letter.attempts:>8} {age:>9}  {error}"
-        )
+        error = printable(" ".join(letter.error.split())[:80])
+        message_id, reason = printable(letter.message_id), printable(letter.reason)
+        lines.append(f"{message_id:<34} {reason:<9} {letter.attempts:>8} {age:>9}  {error}")
     lines.append(f"{report.total} messages in {queue}, {len(report.letters)} listed")
     return "\n".join(lines)

@@ -99,14 +99,31 @@ class Settler:
         Returns:
             ``False`` if the delivery was stale.
         """
+        if not self._nack(delivery, requeue=True):
+            return False
+        self._metrics.requeued.inc()
+        return True
+
+    def reject(self, delivery: Delivery) -> bool:
+        """Negative-acknowledge without requeue, now: the broker dead-letters the message.
+
+        The work queue's dead-letter exchange routes it to ``<queue>.dead`` whole, as it was
+        published. Like a requeue, the tag is settled at once: a later multiple ack may
+        cover it (the broker skips settled tags), and none covers it before.
+
+        Returns:
+            ``False`` if the delivery was stale.
+        """
+        return self._nack(delivery, requeue=False)
+
+    def _nack(self, delivery: Delivery, *, requeue: bool) -> bool:
         link = delivery.link
         try:
-            link.nack(delivery.delivery_tag, requeue=True)
+            link.nack(delivery.delivery_tag, requeue=requeue)
         except LinkLost:
             self._metrics.stale_deliveries.inc()
             return False
         self._tags(link).outstanding.discard(delivery.delivery_tag)
-        self._metrics.requeued.inc()
         return True
 
     def flush(self) -> None:

@@ -120,6 +120,12 @@ class Workers:
             self._metrics.stale_deliveries.inc()
             return
         token = MESSAGE_ID.set(delivery.message_id)
+        if delivery.body_dropped:
+            try:
+                self._reject_unread(delivery)
+            finally:
+                MESSAGE_ID.reset(token)
+            return
         self.in_flight += 1
         started = time.perf_counter()
         try:
@@ -138,6 +144,23 @@ class Workers:
             await self._settle(delivery, outcome, error)
         finally:
             MESSAGE_ID.reset(token)
+
+    def _reject_unread(self, delivery: Delivery) -> None:
+        """A body over max_message_bytes, skipped unread: the broker dead-letters it whole.
+
+        Copying it to ``<queue>.dead`` through mayhem would mean holding it in memory; the work
+        queue's dead-letter exchange moves it there on the broker, body intact.
+        """
+        if not self._settler.reject(delivery):
+            return  # the link is gone: the broker requeues it, and it comes back here
+        log.warning(
+            "rejected unread: body of %d bytes over max_message_bytes (%d); the broker "
+            "dead-letters it to %s",
+            delivery.body_size,
+            self._config.max_message_bytes,
+            self._config.dead_queue,
+        )
+        self._metrics.rejected.inc()
 
     async def _apply(self, delivery: Delivery) -> tuple[Outcome, BaseException | None]:
         """Run the handler and commit its effects with the inbox row; say what happened."""

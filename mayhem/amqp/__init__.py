@@ -10,8 +10,10 @@ budget (``bench/RESULTS.md``, ``docs/adr/0001-own-consuming-client.md``).
 - :mod:`mayhem.amqp.delivery`: what is handed on (:class:`Delivery`, :class:`Properties`);
 - :mod:`mayhem.amqp.link`: the connection itself (:class:`Link`, :func:`open_link`).
 
-Everything else on the broker (topology, publishing with confirms, the dead-letter tools)
-stays on aio-pika, in :mod:`mayhem.broker`.
+The dead-letter tools (:mod:`mayhem.dead`) read ``<queue>.dead`` through it too (``basic.get``),
+because it decodes hostile properties per message where aio-pika's reader drops the connection.
+Everything else on the broker (topology, publishing with confirms) stays on aio-pika, in
+:mod:`mayhem.broker`.
 """
 
 from mayhem.amqp.delivery import Delivery, Properties

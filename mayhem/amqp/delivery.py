@@ -15,10 +15,14 @@ class Delivery:
 
     Its tag means something only on that link: once the link is closed the broker has
     requeued the message, and the delivery is stale.
+
+    ``body_size`` is the size the content header declared; when it is over the link's limit the
+    body frames are skipped as they come, never buffered, and ``body`` stays empty
+    (:attr:`body_dropped`).
     """
 
-    __slots__ = ("body", "delivery_tag", "exchange", "link", "properties", "redelivered",
-                 "routing_key")  # fmt: skip
+    __slots__ = ("body", "body_size", "delivery_tag", "exchange", "link", "properties",
+                 "redelivered", "routing_key")  # fmt: skip
 
     def __init__(  # noqa: PLR0917 -- built positionally, once per message
         self,
@@ -29,6 +33,7 @@ class Delivery:
         routing_key: str,
         properties: Properties,
         body: bytes,
+        body_size: int | None = None,
     ) -> None:
         self.link = link
         self.delivery_tag = delivery_tag
@@ -37,11 +42,17 @@ class Delivery:
         self.routing_key = routing_key
         self.properties = properties
         self.body = body
+        self.body_size = len(body) if body_size is None else body_size
 
     @property
     def stale(self) -> bool:
         """The link it came on is closed: its tag is void, the broker redelivers it."""
         return self.link.closed
+
+    @property
+    def body_dropped(self) -> bool:
+        """The body was over the link's size limit and was not read (``body`` is empty)."""
+        return self.body_size != len(self.body)
 
     @property
     def malformed(self) -> str | None:
@@ -93,8 +104,9 @@ class Properties:
     """A delivery's AMQP basic properties; ``None`` where absent.
 
     ``malformed`` says what could not be decoded (a short string that is not UTF-8, a
-    headers table pamqp refuses, a timestamp out of range): such a delivery is dead-lettered,
-    never allowed to break the connection over and over.
+    headers table pamqp refuses or that nests too deeply, a timestamp out of range; several
+    joined by ``"; "``): such a delivery is dead-lettered, never allowed to break the
+    connection over and over. Undecodable headers are ``{}``.
     """
 
     content_type: str | None = None

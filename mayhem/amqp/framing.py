@@ -19,8 +19,17 @@ FRAME_MIN: Final = 8
 DELIVER_INDEX: Final = 0x003C003C  # basic.deliver: class 60, method 60
 ACK: Final = struct.Struct(">BHIIQBB")  # method frame, basic.ack, tag, multiple, 0xCE
 ACK_INDEX: Final = 0x003C0050
+GET_OK_INDEX: Final = 0x003C0047  # basic.get-ok: class 60, method 71
 FRAME_END_BYTE: Final = bytes((constants.FRAME_END,))
 HEARTBEAT_FRAME: Final = FRAME_HEAD.pack(constants.FRAME_HEARTBEAT, 0, 0) + FRAME_END_BYTE
+# Headers nested deeper are refused (the delivery is dead-lettered): pamqp decodes and encodes
+# tables recursively, two stack frames a level, so ~500 levels fail with RecursionError, and a
+# table that decodes near that depth could still fail when a copy is republished from a deeper
+# stack. Real headers nest a few levels (x-death: a table in an array in a table).
+MAX_HEADER_DEPTH: Final = 64
+# Every nested table or array takes at least 5 bytes in its parent (type, 4-byte size): a
+# smaller table cannot be too deep, and is not walked.
+_DEPTH_SCAN_BYTES: Final = 5 * MAX_HEADER_DEPTH
 
 
 def short_string(data: bytes, offset: int) -> tuple[str, int]:
@@ -54,6 +63,10 @@ _CONTENT_HEADER: Final = struct.Struct(">HHQH")  # class, weight, body size, pro
 def decode_content_header(data: bytes) -> tuple[int, Properties]:
     """The body size and properties of a content header frame's payload.
 
+    A property that cannot be decoded (a short string that is not UTF-8, a headers table pamqp
+    refuses or that nests too deeply, a timestamp out of range) never raises: it is noted in
+    ``Properties.malformed`` and the delivery is dead-lettered.
+
     Raises:
         ValueError: the frame is cut short (a protocol error: the connection is dropped).
     """
@@ -84,22 +97,56 @@ def _decode_property(
         try:
             value = raw.decode("utf-8")
         except UnicodeDecodeError:
-            properties.malformed = f"property {name} is not valid UTF-8"
+            _malformed(properties, f"property {name} is not valid UTF-8")
             value = raw.decode("utf-8", "replace")
     elif kind == _OCTET:
         value, end = data[offset], offset + 1
     elif kind == _TABLE:
         end = offset + 4 + int.from_bytes(data[offset : offset + 4])
-        try:
-            value = decode.field_table(data[offset:end])[1]
-        except (ValueError, UnicodeDecodeError, struct.error) as exc:
-            properties.malformed = f"headers cannot be decoded: {exc}"
-            value = {}
+        value = _decode_headers(data[offset:end], properties)
     else:
         end = offset + 8
         try:
             value = decode.timestamp(data[offset:end])[1]
         except (ValueError, OverflowError, OSError):
-            properties.malformed = "timestamp out of range"
+            _malformed(properties, "timestamp out of range")
             value = None
     return value, end
+
+
+def _decode_headers(raw: bytes, properties: Properties) -> dict[str, Any]:
+    """The headers table, or ``{}`` with the reason noted when it cannot be decoded."""
+    try:
+        headers: dict[str, Any] = decode.field_table(raw)[1]
+    except RecursionError:
+        problem = "nested too deeply"
+    except Exception as exc:
+        # pamqp's errors on hostile bytes are of many types (ValueError, struct.error,
+        # UnicodeDecodeError, ...): whichever it is, it is this delivery's, not the link's.
+        problem = str(exc) or type(exc).__name__
+    else:
+        if len(raw) < _DEPTH_SCAN_BYTES or _depth(headers) <= MAX_HEADER_DEPTH:
+            return headers
+        problem = f"nested deeper than {MAX_HEADER_DEPTH} levels"
+    _malformed(properties, f"headers cannot be decoded: {problem}")
+    return {}
+
+
+def _depth(table: dict[str, Any]) -> int:
+    """How deep tables and arrays nest in ``table`` (1 for a flat one), without recursing."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(table, 1)]
+    while stack:
+        value, level = stack.pop()
+        deepest = max(deepest, level)
+        if deepest > MAX_HEADER_DEPTH:
+            break
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
+def _malformed(properties: Properties, problem: str) -> None:
+    """Note one more thing that could not be decoded (all of them, in wire order)."""
+    known = properties.malformed
+    properties.malformed = f"{known}; {problem}" if known else problem
