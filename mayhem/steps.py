@@ -23,7 +23,7 @@ Details = dict[str, int]
 
 @attrs.frozen
 class Step(Generic[T]):
-    """One step of a runbook.
+    """One step of the shutdown runbook.
 
     Attributes:
         name: a stable name, logged as the ``step`` field.
