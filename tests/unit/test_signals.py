@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mayhem.signals import Signals
+from mayhem.signals import Deadlines, Signals
 
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -118,3 +118,52 @@ async def test_reinstall_after_remove():
     with installed() as again:
         await send(again, signal.SIGTERM, again.stop_requested)
         assert not again.force_exit.is_set()
+
+
+@pytest.mark.parametrize("forced", [0.0, 0.2])
+async def test_second_signal_reschedules_the_running_limit(forced):
+    """1. A shutdown step waits inside a 60 s limit; the force watch runs as a task.
+
+    2. A second stop signal (force_exit) moves the limit to now plus the step's grace.
+    3. The step ends with TimeoutError after that grace, not 60 s later; a limit started after
+       the signal is short from the start.
+    """
+    loop = asyncio.get_running_loop()
+    sent = 0.0
+
+    async def step(signals: Signals, deadlines: Deadlines) -> None:
+        nonlocal sent
+        async with deadlines.limit(60, forced=forced):
+            if not signals.force_exit.is_set():
+                await send(signals, signal.SIGTERM, signals.force_exit)
+                sent = loop.time()
+            await asyncio.sleep(60)
+
+    with installed() as signals:
+        deadlines = Deadlines(signals.force_exit)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(deadlines.enforce())
+            await send(signals, signal.SIGTERM, signals.stop_requested)
+            with pytest.raises(TimeoutError):
+                await step(signals, deadlines)
+            assert forced <= loop.time() - sent < forced + 1
+        began = loop.time()
+        with pytest.raises(TimeoutError):
+            await step(signals, deadlines)
+        assert loop.time() - began < forced + 1
+
+
+async def test_a_passed_step_limit_is_logged_and_the_step_goes_on(caplog):
+    """at_most(): the limit passes, a warning says so, and the code after the block runs."""
+    deadlines = Deadlines(asyncio.Event())
+    async with deadlines.at_most(0.01):
+        await asyncio.sleep(60)
+    assert "shutdown step timed out; going on" in caplog.text
+
+
+async def test_a_timeout_not_of_the_limit_is_not_taken_for_it():
+    """at_most() lets through a TimeoutError raised inside it before its own limit passed."""
+    deadlines = Deadlines(asyncio.Event())
+    with pytest.raises(TimeoutError):
+        async with deadlines.at_most(60):
+            raise TimeoutError

@@ -1,0 +1,60 @@
+"""Null objects: the components that are not there, so that no step has to ask.
+
+The daemon starts with these in place of the components that need the running loop, and
+keeps :class:`NoHealth` when the metrics endpoint is off. Each does nothing and reports
+nothing, so a shutdown after a start-up that failed half way runs the same steps as any.
+"""
+
+from __future__ import annotations
+
+
+class NoHealth:
+    """The metrics endpoint when ``metrics_addr`` is off: nothing to serve, nothing to close."""
+
+    bound: str | None = None
+
+    async def start(self) -> None:
+        """Nothing to bind."""
+
+    async def stop(self) -> None:
+        """Nothing to close."""
+
+    async def heartbeat(self) -> None:
+        """Nothing measures the loop for an endpoint that is not there."""
+
+    def loop_healthy(self) -> bool:
+        """Healthy as far as anyone can tell."""
+        return True
+
+
+class NullConsumer:
+    """The consumer before start-up made it: never connected, nothing delivered."""
+
+    delivered = 0
+    connected = False
+    active = False
+    queue_missing = False
+
+    async def cancel(self) -> None:
+        """Not subscribed."""
+
+    async def requeue_buffered(self) -> int:
+        """Nothing was delivered."""
+        return 0
+
+    async def close(self) -> None:
+        """No connection."""
+
+
+class NullWorkers:
+    """The workers before start-up made them: none ran, none run."""
+
+    in_flight = 0
+    acked = 0
+    cancelled = 0
+
+    async def run(self) -> None:
+        """No worker to run."""
+
+    def close(self) -> None:
+        """No handler threads."""
