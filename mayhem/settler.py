@@ -1,4 +1,4 @@
-"""Settling deliveries: acks batched with ``multiple=True``, requeues, stale deliveries dropped.
+"""Settling deliveries: acks batched with ``multiple=True``, requeues, rejects, stale ones dropped.
 
 Acks are batched without delaying any: a worker's ack joins the acks of every worker that
 finishes in the same turn of the loop, and the longest run of settled tags from the lowest
@@ -107,6 +107,21 @@ class Settler:
             return False
         self._tags(link).outstanding.discard(delivery.delivery_tag)
         self._metrics.requeued.inc()
+        return True
+
+    def reject(self, delivery: Delivery) -> bool:
+        """Negative-acknowledge without requeue, now: the broker dead-letters it (its DLX).
+
+        Returns:
+            ``False`` if the delivery was stale (the broker requeues it instead).
+        """
+        link = delivery.link
+        try:
+            link.nack(delivery.delivery_tag, requeue=False)
+        except LinkLost:
+            self._metrics.stale_deliveries.inc()
+            return False
+        self._tags(link).outstanding.discard(delivery.delivery_tag)
         return True
 
     def flush(self) -> None:
