@@ -32,6 +32,7 @@ again; a quorum queue (the default) counts on the broker.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import enum
 import hashlib
@@ -342,16 +343,20 @@ class Failures:
     async def _frame_limit(self) -> int | None:
         """The largest frame the publishing connection may send, or ``None`` when it is down."""
         try:
-            channel = await self._channel.get_underlay_channel()
+            # A robust channel waits here until its connection is back: not for ever.
+            async with asyncio.timeout(PUBLISH_TIMEOUT):
+                channel = await self._channel.get_underlay_channel()
             return frame_limit(channel.connection.connection_tune.frame_max)
-        except (*CONNECTION_EXCEPTIONS, AttributeError):
+        except (*CONNECTION_EXCEPTIONS, AttributeError, TimeoutError):
             return None
 
     async def _publish(self, message: aio_pika.Message, queue: str) -> _Sent:
         try:
-            confirmed = await self._channel.default_exchange.publish(
-                message, routing_key=queue, mandatory=True, timeout=PUBLISH_TIMEOUT
-            )
+            # The timeout covers the wait for a reconnecting channel too, unlike aio-pika's.
+            async with asyncio.timeout(PUBLISH_TIMEOUT):
+                confirmed = await self._channel.default_exchange.publish(
+                    message, routing_key=queue, mandatory=True, timeout=PUBLISH_TIMEOUT
+                )
         except (*REFUSALS, ValueError) as exc:
             log.warning("publish to %s refused: %s", queue, describe(exc, 200))
             return _Sent.REFUSED
