@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 ATTEMPT_HEADER: Final = "x-mayhem-attempt"
 ERROR_HEADER: Final = "x-mayhem-error"
+FIRST_FAILURE_HEADER: Final = "x-mayhem-first-failure"
 DELIVERY_COUNT_HEADER: Final = "x-delivery-count"
 # The longest x-mayhem-error, and the longest error text a log line carries.
 MAX_ERROR_HEADER: Final = MAX_TEXT
@@ -74,11 +75,12 @@ MAYHEM_HEADERS: Final = BROKER_DEATH_HEADERS | {
     "x-mayhem-reason",
     ERROR_HEADER,
     "x-mayhem-attempts",
-    "x-mayhem-first-failure",
+    FIRST_FAILURE_HEADER,
     "x-mayhem-last-failure",
     "x-mayhem-host",
     "x-mayhem-queue",
 }
+_OWN_HEADERS: Final = MAYHEM_HEADERS - BROKER_DEATH_HEADERS
 # Sender-selected distribution: the broker routes a message to these too.
 ROUTING_HEADERS: Final = frozenset({"CC", "BCC"})
 # Room left in a retry copy's frame for the broker's x-death trail (about 1.2 KB at most:
@@ -141,8 +143,19 @@ def carried_headers(delivery: Delivery) -> dict[str, Any]:
 
 
 def mayhem_headers(headers: dict[str, Any]) -> dict[str, Any]:
-    """Only mayhem's own ``x-mayhem-*`` headers (what a copy keeps when it must shrink)."""
-    return {key: value for key, value in headers.items() if key.startswith("x-mayhem-")}
+    """Only mayhem's own headers (what a copy keeps when it must shrink)."""
+    return {key: value for key, value in headers.items() if key in _OWN_HEADERS}
+
+
+def first_failure(headers: dict[str, Any], now: str) -> str:
+    """When the message first failed: the header's :func:`timestamp`, or ``now``.
+
+    A publisher may have set the header to anything (say, 100 KB): only a timestamp stays.
+    """
+    value = headers.get(FIRST_FAILURE_HEADER)
+    if isinstance(value, str) and len(value) <= len(now) and parse_timestamp(value) is not None:
+        return value
+    return now
 
 
 def strip_mayhem_headers(headers: dict[str, Any]) -> dict[str, Any]:

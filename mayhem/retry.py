@@ -53,12 +53,14 @@ from mayhem.headers import (
     BROKER_DEATH_HEADERS,
     BROKER_RESERVE,
     ERROR_HEADER,
+    FIRST_FAILURE_HEADER,
     MAX_ERROR_HEADER,
     MAYHEM_HEADERS,
     carried_headers,
     copy_message,
     delivery_count,
     describe,
+    first_failure,
     fits,
     frame_limit,
     header_frame_size,
@@ -195,7 +197,7 @@ class Failures:
         headers.update(
             {
                 ATTEMPT_HEADER: attempt + 1,
-                "x-mayhem-first-failure": headers.get("x-mayhem-first-failure", now),
+                FIRST_FAILURE_HEADER: first_failure(headers, now),
                 "x-mayhem-last-failure": now,
                 ERROR_HEADER: describe(exc),
             }
@@ -254,7 +256,7 @@ class Failures:
                 "x-mayhem-reason": reason,
                 ERROR_HEADER: describe(exc),
                 "x-mayhem-attempts": attempt,
-                "x-mayhem-first-failure": headers.get("x-mayhem-first-failure", now),
+                FIRST_FAILURE_HEADER: first_failure(headers, now),
                 "x-mayhem-last-failure": now,
                 "x-mayhem-host": HOST,
                 "x-mayhem-queue": self._config.queue,

@@ -23,8 +23,10 @@ from mayhem.headers import (
     copy_message,
     delivery_count,
     describe,
+    first_failure,
     fits,
     header_frame_size,
+    mayhem_headers,
     publishing_user,
     trusted_attempt,
 )
@@ -187,6 +189,35 @@ def test_copies_never_carry_cc_or_bcc():
     original = delivery({"CC": ["other"], "BCC": ["secret"], "trace": "t"})
     copy = copy_message(original, dict(original.headers))
     assert copy.headers == {"trace": "t"}
+
+
+def test_a_shrunk_copy_keeps_only_mayhems_own_headers():
+    """Dropping the original's headers drops a publisher's look-alikes too."""
+    headers = {
+        "x-mayhem-attempt": 2,
+        "x-mayhem-error": "E",
+        "x-mayhem-blob": "x" * 100_000,
+        "x-death": trail(),
+        "trace": "t",
+    }
+    assert mayhem_headers(headers) == {"x-mayhem-attempt": 2, "x-mayhem-error": "E"}
+
+
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [
+        ("2026-01-02T03:04:05.678Z", True),
+        ("2026-01-02T03:04:05.678Z" + " " * 100_000, False),
+        ("not a time", False),
+        (b"2026-01-02T03:04:05.678Z", False),
+        (12, False),
+        (None, False),
+    ],
+)
+def test_first_failure_is_a_timestamp_or_now(value, kept):
+    """x-mayhem-first-failure is carried on only as a timestamp mayhem could have written."""
+    now = "2026-02-03T04:05:06.789Z"
+    assert first_failure({"x-mayhem-first-failure": value}, now) == (value if kept else now)
 
 
 def test_header_frame_size_is_the_frame_on_the_wire():
