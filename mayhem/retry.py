@@ -14,7 +14,10 @@ the work queue is never blocked by a failing message.
   this process counted, and, on a quorum queue, the broker's ``x-delivery-count`` (mayhem
   cannot tell a redelivery after a run from one before it, so it counts them all, as the
   broker's own ``x-delivery-limit`` does). A delivery past ``max_attempts`` is not run: it is
-  dead-lettered as failed.
+  dead-lettered as failed (``AttemptsExhausted``), unless the inbox knows it (a duplicate).
+  This also ends the crash loop of a message whose handler kills the daemon. The price: a
+  message requeued for other reasons (a database outage, a restart with it prefetched) has
+  that many attempts fewer.
 - A copy that would not fit one frame goes to ``<queue>.dead`` without the original's headers,
   never to a retry (the handler would see other headers on its next attempt).
 - When the copy cannot be published, the original is not requeued but rejected

@@ -247,6 +247,48 @@ async def test_missing_delay_queue_dead_letters_instead_of_losing(amqp, make_con
     assert settle_handlers.RUNS["unroutable"] == 1
 
 
+async def _nack_each(amqp, queue: str, ids: set[str], times: int) -> None:
+    """Take each message and requeue it, ``times`` times over, as a crashing consumer would."""
+    channel = await amqp.channel()
+    nacked = dict.fromkeys(ids, 0)
+    try:
+        work = await channel.get_queue(queue, ensure=False)
+        while min(nacked.values()) < times:
+            message = await work.get(no_ack=False, fail=True, timeout=10)
+            nacked[message.message_id] += 1
+            await message.nack(requeue=True)
+    finally:
+        await channel.close()
+
+
+async def test_redelivered_past_max_attempts_is_not_run_again(amqp, make_config, run_daemon):
+    """A message redelivered max_attempts times is dead-lettered without running the handler.
+
+    On a quorum queue the broker counts redeliveries (x-delivery-count); each may have
+    followed a run that could not be settled, such as a handler that crashes the daemon.
+    1. "dup" is applied once; then a copy of it and "crasher" are each requeued 3 times
+       (max_attempts 3), as if three daemons had died running them.
+    2. The copy of "dup" is acked as a duplicate; "crasher" goes to .dead without a run.
+    """
+    config = make_config(handler="retry_handlers:poison_or_record", max_attempts=3)
+    async with run_daemon(config) as daemon:
+        await publish(amqp, config.queue, [b"{}"], message_ids=["dup"])
+        await wait_until(lambda: _count(daemon, "acked") == 1, timeout=30)
+    await publish(amqp, config.queue, [b"{}", b"{}"], message_ids=["dup", "crasher"])
+    await _nack_each(amqp, config.queue, {"dup", "crasher"}, times=3)
+    config = make_config(handler="settle_handlers:always_fails", max_attempts=3)
+    async with run_daemon(config) as daemon:
+        await wait_until(lambda: _count(daemon, "dead_lettered") == 1, timeout=30)
+        await wait_until(lambda: _count(daemon, "duplicate") == 1, timeout=30)
+    [dead] = await drain(amqp, config.dead_queue)
+    assert dead.message_id == "crasher"
+    assert dead.headers["x-mayhem-attempts"] == 4
+    assert dead.headers["x-mayhem-error"] == (
+        "AttemptsExhausted: may have run max_attempts (3) times already: redelivered as attempt 4"
+    )
+    assert settle_handlers.RUNS == {}
+
+
 async def test_hostile_exception_text_is_capped_and_escaped(amqp, make_config, run_daemon):
     """Hostile exception text and message id cannot forge a log line or fill a header.
 
