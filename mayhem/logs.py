@@ -2,6 +2,11 @@
 
 The message id of the message being handled is added to every record from a context variable,
 so log lines of a handler, a worker or the store can all be found by id.
+
+A publisher controls the message id and, through a handler, exception texts: in the text
+format control characters (newlines, ANSI escapes, NUL) in the id and the message are written
+as escapes, so no input can forge a log line or drive a terminal. The JSON format escapes them
+by itself. Tracebacks (at DEBUG, or of mayhem's own bugs) stay as they are, several lines.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 from typing import Final
@@ -20,6 +26,38 @@ _STANDARD: Final = frozenset(
     logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys()
     | {"message", "asctime", "message_id", "taskName"}
 )
+
+
+# The longest error text a log line or x-mayhem-error carries.
+MAX_TEXT: Final = 1000
+# Characters that could forge or garble a log line: C0 and C1 controls (newlines, ESC, NUL),
+# the Unicode line separators and the bidirectional overrides.
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_LATIN1: Final = 0xFF
+_SHORT_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _SHORT_ESCAPES.get(char) or (f"\\x{code:02x}" if code <= _LATIN1 else f"\\u{code:04x}")
+
+
+def escape_controls(text: str) -> str:
+    r"""``text`` with control characters written as escapes (``\n``, ``\x1b``, ``\u2028``)."""
+    return _CONTROL.sub(_escape_one, text) if _CONTROL.search(text) else text
+
+
+def clean_text(text: str, limit: int = MAX_TEXT) -> str:
+    """One line of at most ``limit`` characters: whitespace runs become a space, controls escapes.
+
+    A cut text ends in ``…``.
+    """
+    cut = len(text) > limit
+    line = escape_controls(" ".join(text[:limit].split()))
+    if len(line) > limit:
+        line, cut = line[:limit], True
+    return line[: limit - 1] + "…" if cut else line
 
 
 class _MessageIdFilter(logging.Filter):
@@ -74,7 +112,10 @@ class JSONFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """``time level logger [message_id] event`` for people at a terminal."""
+    r"""``time level logger [message_id] event`` for people at a terminal.
+
+    Control characters in the message id and the event are escaped (``\n``, ``\x1b``).
+    """
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s%(mid)s %(message)s")
@@ -82,8 +123,13 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         """Render ``record`` as one line of text (plus a traceback, if any)."""
         message_id = getattr(record, "message_id", None)
-        record.mid = f" [{message_id}]" if message_id else ""
+        record.mid = f" [{escape_controls(str(message_id))}]" if message_id else ""
         return super().format(record)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 -- logging's name
+        """The line without its traceback: the event with its control characters escaped."""
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
 
 
 def setup(log_format: str, level: str) -> None:

@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from mayhem.amqp import Delivery
     from mayhem.store import BlockingTransaction, Transaction
 
-ATTEMPT_HEADER: Final = "x-mayhem-attempt"
 JSON_TYPES: Final = frozenset({"application/json", "text/json"})
 
 
@@ -32,7 +31,8 @@ class Message:
         body: the raw body.
         headers: the AMQP headers.
         routing_key: the routing key it was published with.
-        attempt: 1 on the first delivery, counting retries.
+        attempt: 1 on the first run, counting retries (and runs whose failure could not be
+            settled); see :mod:`mayhem.retry`. A publisher cannot set it.
         redelivered: the broker delivered it before (to us or another consumer).
         content_type: the AMQP ``content_type`` property, or ``None``.
     """
@@ -114,7 +114,9 @@ class SyncContext:
     log: logging.LoggerAdapter[logging.Logger]
 
 
-def build_message(delivery: Delivery, max_bytes: int, *, hash_missing_id: bool = False) -> Message:
+def build_message(
+    delivery: Delivery, max_bytes: int, *, hash_missing_id: bool = False, attempt: int = 1
+) -> Message:
     """Turn an AMQP delivery into a :class:`Message`.
 
     Args:
@@ -122,6 +124,7 @@ def build_message(delivery: Delivery, max_bytes: int, *, hash_missing_id: bool =
         max_bytes: larger bodies are rejected.
         hash_missing_id: a delivery without ``message_id`` gets ``sha256:<hex of body>``
             instead of being rejected (two equal bodies are then the same message).
+        attempt: the attempt it runs as (:meth:`mayhem.retry.Failures.attempt_of`).
 
     Raises:
         Reject: the delivery cannot be handled at all (no ``message_id``, a body over the
@@ -146,13 +149,7 @@ def build_message(delivery: Delivery, max_bytes: int, *, hash_missing_id: bool =
         body=delivery.body,
         headers=headers,
         routing_key=delivery.routing_key or "",
-        attempt=attempt_of(delivery),
+        attempt=attempt,
         redelivered=bool(delivery.redelivered),
         content_type=delivery.content_type,
     )
-
-
-def attempt_of(delivery: Delivery) -> int:
-    """The delivery's attempt number: 1 unless mayhem's retry header says otherwise."""
-    attempt = (delivery.headers or {}).get(ATTEMPT_HEADER, 1)
-    return attempt if type(attempt) is int and attempt > 0 else 1

@@ -1,4 +1,4 @@
-"""Settling deliveries: acks batched with ``multiple=True``, requeues, stale deliveries dropped.
+"""Settling deliveries: acks batched with ``multiple=True``, requeues, rejects, stale ones dropped.
 
 Acks are batched without delaying any: a worker's ack joins the acks of every worker that
 finishes in the same turn of the loop, and the longest run of settled tags from the lowest

@@ -22,9 +22,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from mayhem.exceptions import HandlerTimeout, Reject, StoreUnavailable
+from mayhem.headers import describe
 from mayhem.logs import MESSAGE_ID
-from mayhem.message import Context, Message, SyncContext, attempt_of, build_message
-from mayhem.retry import describe
+from mayhem.message import Context, Message, SyncContext, build_message
+from mayhem.retry import AttemptsExhausted
 from mayhem.store import BlockingTransaction
 
 if TYPE_CHECKING:
@@ -130,7 +131,8 @@ class Workers:
         started = time.perf_counter()
         try:
             try:
-                outcome, error = await self._apply(delivery)
+                attempt = self._failures.attempt_of(delivery)
+                outcome, error = await self._apply(delivery, attempt)
             except asyncio.CancelledError:
                 # Shutdown's drain deadline passed: the transaction has rolled back.
                 self.cancelled += 1
@@ -141,7 +143,7 @@ class Workers:
                 self._metrics.handler_duration.observe(time.perf_counter() - started)
             # Settling is apart from the handler's outcome: a failed ack is never a failed
             # handler (the broker redelivers, and the inbox knows the message).
-            await self._settle(delivery, outcome, error)
+            await self._settle(delivery, outcome, error, attempt)
         finally:
             MESSAGE_ID.reset(token)
 
@@ -162,7 +164,9 @@ class Workers:
         )
         self._metrics.rejected.inc()
 
-    async def _apply(self, delivery: Delivery) -> tuple[Outcome, BaseException | None]:
+    async def _apply(
+        self, delivery: Delivery, attempt: int
+    ) -> tuple[Outcome, BaseException | None]:
         """Run the handler and commit its effects with the inbox row; say what happened."""
         config = self._config
         try:
@@ -170,6 +174,7 @@ class Workers:
                 delivery,
                 config.max_message_bytes,
                 hash_missing_id=config.missing_id == "content-hash",
+                attempt=attempt,
             )
             applied = await self._apply_by_deadline(message)
         except StoreUnavailable as exc:
@@ -233,7 +238,7 @@ class Workers:
             self._reaper = self._loop.call_later(self._reap_interval, self._reap)
 
     async def _settle(
-        self, delivery: Delivery, outcome: Outcome, error: BaseException | None
+        self, delivery: Delivery, outcome: Outcome, error: BaseException | None, attempt: int
     ) -> None:
         metrics = self._metrics
         if outcome is Outcome.APPLIED:
@@ -251,14 +256,20 @@ class Workers:
             self._on_store_outage(why)
         elif outcome is Outcome.REJECTED:
             await self._failures.dead_letter(
-                delivery, error or Reject("rejected"), attempt_of(delivery), reason="rejected"
+                delivery, error or Reject("rejected"), attempt, reason="rejected"
             )
         else:
-            await self._failures.failed(
-                delivery, error or RuntimeError("unknown failure"), attempt_of(delivery)
-            )
+            await self._failures.failed(delivery, error or RuntimeError("unknown failure"), attempt)
 
     async def _call_handler(self, message: Message, tx: Transaction) -> None:
+        if message.attempt > self._config.max_attempts:
+            # Redelivered after runs that could not be settled (or that a crash cut short):
+            # it may have run max_attempts times already. Not a duplicate (checked before).
+            msg = (
+                f"may have run max_attempts ({self._config.max_attempts}) times already: "
+                f"redelivered as attempt {message.attempt}"
+            )
+            raise AttemptsExhausted(msg)
         logger = logging.LoggerAdapter(handler_log, {"message_id": message.message_id})
         if self._is_async:
             await self._handler(message, Context(db=tx, log=logger))

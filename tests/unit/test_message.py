@@ -13,7 +13,8 @@ from pamqp import commands, header
 
 import mayhem
 from mayhem.amqp import Delivery, decode_content_header
-from mayhem.message import ATTEMPT_HEADER, Message, build_message
+from mayhem.headers import ATTEMPT_HEADER
+from mayhem.message import Message, build_message
 
 
 def delivery(
@@ -192,7 +193,10 @@ def test_message_defaults():
 
 
 def test_build_message_copies_the_delivery():
-    """build_message takes id, body, headers, routing key and content type from the delivery."""
+    """build_message takes id, body, headers, routing key and content type from the delivery.
+
+    The attempt is the caller's (mayhem.retry.Failures.attempt_of), not the header's.
+    """
     incoming = delivery(
         b'{"host": "web-1"}',
         message_id="abc",
@@ -200,7 +204,8 @@ def test_build_message_copies_the_delivery():
         routing_key="jobs",
         content_type="application/json",
     )
-    message = build_message(incoming, max_bytes=1024)
+    message = build_message(incoming, max_bytes=1024, attempt=3)
+    assert build_message(incoming, max_bytes=1024).attempt == 1
     assert message == Message(
         message_id="abc",
         body=b'{"host": "web-1"}',
@@ -247,31 +252,6 @@ def test_build_message_empty_body():
     with pytest.raises(mayhem.Reject) as info:
         build_message(delivery(b""), max_bytes=10)
     assert info.value.reason == "empty body"
-
-
-@pytest.mark.parametrize(
-    ("headers", "attempt"),
-    [
-        (None, 1),
-        ({}, 1),
-        ({ATTEMPT_HEADER: 1}, 1),
-        ({ATTEMPT_HEADER: 2}, 2),
-        ({ATTEMPT_HEADER: 100}, 100),
-        ({ATTEMPT_HEADER: 0}, 1),
-        ({ATTEMPT_HEADER: -3}, 1),
-        ({ATTEMPT_HEADER: "3"}, 1),
-        ({ATTEMPT_HEADER: bytearray(b"3")}, 1),
-        ({ATTEMPT_HEADER: True}, 1),
-        ({ATTEMPT_HEADER: 2.5}, 1),
-        ({ATTEMPT_HEADER: None}, 1),
-        ({ATTEMPT_HEADER: [2]}, 1),
-    ],
-)
-def test_build_message_attempt_header(headers, attempt):
-    """The attempt comes from x-mayhem-attempt when it is a positive integer, else it is 1."""
-    message = build_message(delivery(headers=headers), max_bytes=1024)
-    assert message.attempt == attempt
-    assert type(message.attempt) is int
 
 
 @pytest.mark.parametrize("redelivered", [True, False])
