@@ -13,7 +13,9 @@ import pytest
 from mayhem_testing import wait_until
 
 from mayhem.exceptions import StoreUnavailable, TransactionAborted
-from mayhem.store import BlockingTransaction, PostgresStore, SQLiteStore
+from mayhem.store import BlockingTransaction
+from mayhem.store.postgres import PostgresStore
+from mayhem.store.sqlite import SQLiteStore
 
 
 async def _sqlite_store(tmp_path) -> SQLiteStore:
@@ -167,7 +169,7 @@ async def test_sqlite_timed_out_thread_never_keeps_the_writer(tmp_path):
 
     assert await asyncio.wait_for(store.apply("q", "n", following), 10) is True
     assert _committed(store, "SELECT count(*) FROM t WHERE k = 'late'") == 0
-    assert not store._write_lock.locked()
+    assert not store._group.write_lock.locked()
     await store.close(1)
 
 
@@ -358,7 +360,7 @@ async def test_sqlite_store_closed_under_an_open_group_fails_fast(tmp_path):
     # A handler that wrote nothing: its claim waits for the group committer, which waits
     # for the writer.
     other = asyncio.create_task(store.apply("q", "m-2", quiet))
-    await wait_until(lambda: store._committer is not None, timeout=5)
+    await wait_until(lambda: store._group.committer is not None, timeout=5)
     await store.close(1)
     go_on.set()
     async with asyncio.timeout(5):
