@@ -6,7 +6,11 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import json
 import sqlite3
+import sys
+from asyncio.subprocess import PIPE
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -367,3 +371,28 @@ async def test_sqlite_store_closed_under_an_open_group_fails_fast(tmp_path):
         for pending in (task, other):
             with pytest.raises(StoreUnavailable):
                 await pending
+
+
+async def test_out_of_file_descriptors_is_not_a_database_outage(db_url):
+    """A process out of file descriptors (EMFILE), with the database up.
+
+    1. In a child process at its descriptor limit, a message needs a new PostgreSQL
+       connection (the pool's one is busy), or SQLite a temporary file.
+    2. The message fails (and follows the retry policy) with the local error, logged as not
+       a database outage; it is not a StoreUnavailable, which would pause consuming.
+    3. With descriptors free again, the same store applies it.
+    """
+    script = Path(__file__).parent.parent / "support" / "out_of_descriptors.py"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), db_url, stdout=PIPE, stderr=PIPE
+    )
+    async with asyncio.timeout(60):
+        out, err = await child.communicate()
+    assert child.returncode == 0, err.decode()
+    result = json.loads(out)
+    assert result["outcome"] == "failed", result
+    sqlite = db_url.startswith("sqlite")
+    why = "unable to open database file" if sqlite else "Too many open files"
+    assert why in result["error"]
+    assert "not a database outage" in err.decode()
+    assert result["then"] is True
