@@ -204,6 +204,8 @@ class Store(abc.ABC):
         Raises:
             StoreUnavailable: the database cannot be reached, also when ``work`` turned a
                 lost connection into an error of its own.
+            DecodeError: the id holds a NUL character (see
+                :func:`~mayhem.store.inbox.check_message_id`); ``work`` did not run.
         """
 
     async def _in_transaction(

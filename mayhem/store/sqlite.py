@@ -3,10 +3,11 @@
 The writer and its group commit live in :mod:`mayhem.store.group_commit`; this module holds
 the store (schema, look-ups on a reader connection, pings) and one message's transaction.
 
-Files: the database is created owner-only (``0600``, a tighter umask honoured) whatever the
-umask; a database file that exists keeps its mode, and SQLite gives its ``-wal`` and ``-shm``
-files the database file's mode. So for a group to read it (a backup job, say), ``chgrp`` it
-and ``chmod 0640`` it once: mayhem never widens it.
+Files: a new database is created owner-only, ``0600`` whatever the umask (which can only take
+more away), in a directory created ``0700``. A database file that exists keeps its mode (a
+warning says so when every user can read it), and SQLite gives its ``-wal`` and ``-shm`` files
+the database file's mode. So for a group to read it (a backup job, say), ``chgrp`` and
+``chmod 0640`` it once: mayhem never widens a mode, under systemd or not.
 """
 
 from __future__ import annotations

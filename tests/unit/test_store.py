@@ -480,6 +480,18 @@ async def test_existing_database_keeps_its_group_mode(tmp_path, umask_022):
         await sqlite.close(5.0)
 
 
+async def test_world_readable_database_is_reported(tmp_path, caplog):
+    """An existing database every user can read (an older mayhem's 0644) is warned about."""
+    path = tmp_path / "m.db"
+    path.touch()
+    path.chmod(0o644)
+    sqlite = SQLiteStore(path)
+    await sqlite.open()
+    await sqlite.close(5.0)
+    assert f"{path} has mode 0644: every user can read" in caplog.text
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
 def test_import_mayhem_loads_no_database_driver():
     """A handler module's ``import mayhem`` (and the handler API's modules) load no driver."""
     code = (
