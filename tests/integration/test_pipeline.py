@@ -106,6 +106,34 @@ async def test_hostile_input_is_dead_lettered_at_once(
         assert body[:64].decode(errors="replace") not in caplog.text
 
 
+async def test_message_id_with_nul_is_rejected_at_once(amqp, make_config, db_url, run_daemon):
+    """A message_id with a NUL (which PostgreSQL's text cannot hold) on either backend.
+
+    1. It is published between two ordinary messages, with retries allowed.
+    2. It is dead-lettered at once as ``rejected``, saying why; the handler never runs for it,
+       nothing is retried, and the others are applied.
+    """
+    config = make_config(db_url=db_url, handler="sample_handlers:record", max_attempts=3)
+    settled = ("acked", "retried", "dead_lettered", "rejected")
+    async with run_daemon(config) as daemon:
+        await publish(amqp, config.queue, [b"{}"] * 3, message_ids=["before", "nul\x00id", "after"])
+        await wait_until(
+            lambda: (
+                sum(daemon.metrics.value("mayhem_messages_total", {"outcome": o}) for o in settled)
+                >= 3
+            )
+        )
+        counts = {o: daemon.metrics.value("mayhem_messages_total", {"outcome": o}) for o in settled}
+        assert not daemon.not_ready()
+    assert counts == {"acked": 2, "retried": 0, "dead_lettered": 0, "rejected": 1}
+    dead = await drain(amqp, config.dead_queue)
+    assert [m.message_id for m in dead] == ["nul\x00id"]
+    assert dead[0].headers["x-mayhem-reason"] == "rejected"
+    assert "NUL" in dead[0].headers["x-mayhem-error"]
+    applied = await rows(config.db_url, "SELECT message_id FROM applied ORDER BY message_id")
+    assert applied == [("after",), ("before",)]
+
+
 async def test_missing_message_id_is_dead_lettered(amqp, make_config, run_daemon):
     """A message without message_id cannot be applied exactly once: dead-lettered at once."""
     from mayhem_testing import publish_without_id  # noqa: PLC0415

@@ -6,14 +6,20 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import json
 import sqlite3
+import sys
+from asyncio.subprocess import PIPE
+from pathlib import Path
 
 import asyncpg
 import pytest
 from mayhem_testing import wait_until
 
 from mayhem.exceptions import StoreUnavailable, TransactionAborted
-from mayhem.store import BlockingTransaction, PostgresStore, SQLiteStore
+from mayhem.store import BlockingTransaction
+from mayhem.store.postgres import PostgresStore
+from mayhem.store.sqlite import SQLiteStore
 
 
 async def _sqlite_store(tmp_path) -> SQLiteStore:
@@ -167,7 +173,7 @@ async def test_sqlite_timed_out_thread_never_keeps_the_writer(tmp_path):
 
     assert await asyncio.wait_for(store.apply("q", "n", following), 10) is True
     assert _committed(store, "SELECT count(*) FROM t WHERE k = 'late'") == 0
-    assert not store._write_lock.locked()
+    assert not store._group.write_lock.locked()
     await store.close(1)
 
 
@@ -358,10 +364,35 @@ async def test_sqlite_store_closed_under_an_open_group_fails_fast(tmp_path):
     # A handler that wrote nothing: its claim waits for the group committer, which waits
     # for the writer.
     other = asyncio.create_task(store.apply("q", "m-2", quiet))
-    await wait_until(lambda: store._committer is not None, timeout=5)
+    await wait_until(lambda: store._group.committer is not None, timeout=5)
     await store.close(1)
     go_on.set()
     async with asyncio.timeout(5):
         for pending in (task, other):
             with pytest.raises(StoreUnavailable):
                 await pending
+
+
+async def test_out_of_file_descriptors_is_not_a_database_outage(db_url):
+    """A process out of file descriptors (EMFILE), with the database up.
+
+    1. In a child process at its descriptor limit, a message needs a new PostgreSQL
+       connection (the pool's one is busy), or SQLite a temporary file.
+    2. The message fails (and follows the retry policy) with the local error, logged as not
+       a database outage; it is not a StoreUnavailable, which would pause consuming.
+    3. With descriptors free again, the same store applies it.
+    """
+    script = Path(__file__).parent.parent / "support" / "out_of_descriptors.py"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), db_url, stdout=PIPE, stderr=PIPE
+    )
+    async with asyncio.timeout(60):
+        out, err = await child.communicate()
+    assert child.returncode == 0, err.decode()
+    result = json.loads(out)
+    assert result["outcome"] == "failed", result
+    sqlite = db_url.startswith("sqlite")
+    why = "unable to open database file" if sqlite else "Too many open files"
+    assert why in result["error"]
+    assert "not a database outage" in err.decode()
+    assert result["then"] is True

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mayhem.store import SQLiteStore
+from mayhem.store.sqlite import SQLiteStore
 
 
 @pytest.fixture

@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
+import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
 from mayhem.exceptions import ConfigError, StartupError, StoreUnavailable
-from mayhem.store import (
-    INBOX_TABLE,
-    SCHEMA_VERSION,
-    BlockingTransaction,
-    PostgresStore,
-    SQLiteStore,
-    open_store,
-    sqlite_path,
-    to_sqlite,
-)
+from mayhem.store import BlockingTransaction, open_store, sqlite_path
+from mayhem.store.inbox import INBOX_TABLE, SCHEMA_VERSION
+from mayhem.store.postgres import PostgresStore
+from mayhem.store.sqlite import SQLiteStore, to_sqlite
 
 QUEUE = "jobs"
 
@@ -207,7 +205,7 @@ async def test_concurrent_claim_waits_and_loses(store):
     2. A second transaction's claim of the same id waits for the writer.
     3. The first commits; the second's claim returns False.
     """
-    lock = store._write_lock
+    lock = store._group.write_lock
 
     async def second() -> bool:
         async with store.transaction() as tx:
@@ -274,15 +272,15 @@ async def test_cancelled_transaction_rolls_back_and_frees_the_writer(store):
         await task
     # The group committer ends the shared transaction, then the writer is free.
     async with asyncio.timeout(5):
-        await store._write_lock.acquire()
-    store._write_lock.release()
+        await store._group.write_lock.acquire()
+    store._group.write_lock.release()
     assert count_rows(store.path, "effects") == 0
     assert await store.seen(QUEUE, "m-1") is False
 
 
 async def test_writer_is_taken_at_the_first_statement(store):
     """A transaction holds the writer from its first statement until it ends, not before."""
-    lock = store._write_lock
+    lock = store._group.write_lock
     async with store.transaction() as tx:
         assert not lock.locked()
         await tx.fetchval("SELECT 1")
@@ -388,7 +386,7 @@ async def test_ping_then_close(tmp_path):
     with pytest.raises(StoreUnavailable):
         async with sqlite.transaction() as tx:
             await tx.execute("SELECT 1")
-    assert not sqlite._write_lock.locked()
+    assert not sqlite._group.write_lock.locked()
     await sqlite.close(5.0)
 
 
@@ -405,6 +403,105 @@ async def test_close_leaves_committed_data(tmp_path):
         assert await again.seen(QUEUE, "m-1") is True
     finally:
         await again.close(5.0)
+
+
+async def test_close_ends_the_group_committer_and_answers_every_message(tmp_path):
+    """close() while a group of quiet messages waits for its commit.
+
+    1. Messages whose handlers wrote nothing wait for the group committer to claim their ids.
+    2. The store closes before the committer has run.
+    3. close() returns only once the committer has ended; each message has its answer
+       (committed, or StoreUnavailable), none is left waiting, and no store task is left.
+    """
+    sqlite = SQLiteStore(tmp_path / "m.db")
+    await sqlite.open()
+    before = asyncio.all_tasks()
+
+    async def quiet(_tx) -> None:
+        await asyncio.sleep(0)
+
+    messages = [asyncio.create_task(sqlite.apply(QUEUE, f"m-{n}", quiet)) for n in range(5)]
+    await wait_until(lambda: sqlite._group.committer is not None)
+    await sqlite.close(5.0)
+    assert asyncio.all_tasks() - before - set(messages) == set()
+    async with asyncio.timeout(5):
+        outcomes = await asyncio.gather(*messages, return_exceptions=True)
+    for outcome in outcomes:
+        assert outcome is True or isinstance(outcome, StoreUnavailable), outcome
+    committed = sum(outcome is True for outcome in outcomes)
+    assert count_rows(sqlite.path, INBOX_TABLE) == committed
+
+
+# -- files ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def umask_022():
+    """The umask most shells have: files come out world-readable unless made otherwise."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def file_modes(path: Path) -> dict[str, int]:
+    """The permission bits of the database and of its -wal and -shm files."""
+    return {
+        name: stat.S_IMODE(Path(f"{path}{name}").stat().st_mode) for name in ("", "-wal", "-shm")
+    }
+
+
+async def test_database_files_are_created_owner_only(tmp_path, umask_022):
+    """Under umask 022, the database, its -wal and -shm are created 0600, not 0644."""
+    sqlite = SQLiteStore(tmp_path / "data" / "m.db")
+    await sqlite.open()
+    try:
+        async with sqlite.transaction() as tx:
+            await tx.claim(QUEUE, "m-1")
+        assert file_modes(sqlite.path) == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+        assert stat.S_IMODE(sqlite.path.parent.stat().st_mode) == 0o700
+    finally:
+        await sqlite.close(5.0)
+
+
+async def test_existing_database_keeps_its_group_mode(tmp_path, umask_022):
+    """A database the operator made 0640 for a group stays so; -wal and -shm follow it."""
+    path = tmp_path / "m.db"
+    path.touch()
+    path.chmod(0o640)
+    sqlite = SQLiteStore(path)
+    await sqlite.open()
+    try:
+        async with sqlite.transaction() as tx:
+            await tx.claim(QUEUE, "m-1")
+        assert file_modes(path) == {"": 0o640, "-wal": 0o640, "-shm": 0o640}
+    finally:
+        await sqlite.close(5.0)
+
+
+async def test_world_readable_database_is_reported(tmp_path, caplog):
+    """An existing database every user can read (an older mayhem's 0644) is warned about."""
+    path = tmp_path / "m.db"
+    path.touch()
+    path.chmod(0o644)
+    sqlite = SQLiteStore(path)
+    await sqlite.open()
+    await sqlite.close(5.0)
+    assert f"{path} has mode 0644: every user can read" in caplog.text
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_import_mayhem_loads_no_database_driver():
+    """A handler module's ``import mayhem`` (and the handler API's modules) load no driver."""
+    code = (
+        "import sys, mayhem, mayhem.message, mayhem.handlers, mayhem.store\n"
+        "print(sorted(m for m in ('asyncpg', 'aiosqlite') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]"
 
 
 # -- BlockingTransaction --------------------------------------------------------------------
