@@ -168,17 +168,19 @@ def copy_message(
     headers: dict[str, Any],
     expiration: float | None = None,
     user_id: str | None = None,
+    message_id: str | None = None,
 ) -> aio_pika.Message:
     """The same message (body, id, properties) with new headers, persistent.
 
-    ``CC`` and ``BCC`` are never copied (see the module's docstring).
+    ``CC`` and ``BCC`` are never copied (see the module's docstring). ``message_id``, when
+    given, replaces a missing one.
     """
     return aio_pika.Message(
         delivery.body,
         headers={key: value for key, value in headers.items() if key not in ROUTING_HEADERS},
         content_type=delivery.content_type,
         content_encoding=delivery.content_encoding,
-        message_id=delivery.message_id,
+        message_id=delivery.message_id or message_id,
         correlation_id=delivery.correlation_id,
         timestamp=delivery.timestamp,
         type=delivery.type,

@@ -114,6 +114,15 @@ class SyncContext:
     log: logging.LoggerAdapter[logging.Logger]
 
 
+def content_id(body: bytes) -> str:
+    """The id of a message published without ``message_id`` (``missing_id = "content-hash"``).
+
+    Copies mayhem republishes (retries) carry it as their ``message_id``, so a copy and its
+    original are one message to the inbox.
+    """
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
 def build_message(
     delivery: Delivery, max_bytes: int, *, hash_missing_id: bool = False, attempt: int = 1
 ) -> Message:
@@ -137,7 +146,7 @@ def build_message(
     if not message_id:
         if not hash_missing_id:
             raise Reject("missing message_id: cannot be applied exactly once")
-        message_id = "sha256:" + hashlib.sha256(delivery.body).hexdigest()
+        message_id = content_id(delivery.body)
     size = len(delivery.body)
     if size > max_bytes:
         raise Reject(f"body of {size} bytes exceeds max_message_bytes ({max_bytes})")

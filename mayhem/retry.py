@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
-import hashlib
 import logging
 import random
 import socket
@@ -74,6 +73,7 @@ from mayhem.headers import (
     timestamp,
     trusted_attempt,
 )
+from mayhem.message import content_id
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractChannel
@@ -206,7 +206,12 @@ class Failures:
             }
         )
         copy = copy_message(
-            delivery, headers, expiration=wait if wait > 0 else None, user_id=self._user
+            delivery,
+            headers,
+            expiration=wait if wait > 0 else None,
+            user_id=self._user,
+            # Without one, aiormq would invent a random id: the copy must stay the same message.
+            message_id=delivery.message_id or content_id(delivery.body),
         )
         # Its header must still fit our consumer's frame once the broker adds its trail.
         retry_limit = min(limit, CONSUMER_FRAME_MAX) - BROKER_RESERVE
@@ -377,4 +382,4 @@ class Failures:
 
 def _key(delivery: Delivery) -> str:
     """What identifies a message across its redeliveries."""
-    return delivery.message_id or "sha256:" + hashlib.sha256(delivery.body).hexdigest()
+    return delivery.message_id or content_id(delivery.body)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from mayhem_testing import drain, oracle, publish, rows, wait_until
 
 from mayhem.dead import dead_list, dead_purge, dead_replay
+from mayhem.message import content_id
 from mayhem.retry import parse_timestamp, retry_queue, retry_tiers
 
 
@@ -41,6 +42,32 @@ async def test_fails_twice_then_succeeds(amqp, make_config, db_url, run_daemon):
     # Jitter makes a retry wait 80-100 % of its tier's delay.
     assert 0.3 * 0.8 <= last - first < 10
     assert 0.6 * 0.8 <= at - last < 10
+
+
+async def test_retry_copy_without_message_id_keeps_its_content_id(
+    amqp, make_config, db_url, run_daemon
+):
+    """With missing_id = content-hash, a retried message stays one message to the inbox.
+
+    1. A message without message_id fails twice, then succeeds (delays 0.1 s).
+    2. Its retry copies carry the content id as message_id (aiormq would invent a random
+       one), so a crash between publishing a copy and acking the original cannot apply
+       the message under two ids.
+    """
+    from mayhem_testing import publish_without_id  # noqa: PLC0415
+
+    config = make_config(
+        db_url=db_url,
+        handler="retry_handlers:fails_twice",
+        retry_delays="0.1,0.1",
+        missing_id="content-hash",
+    )
+    body = b'{"no": "id"}'
+    async with run_daemon(config) as daemon:
+        await publish_without_id(config.queue, body)
+        await wait_until(lambda: _count(daemon, "acked") == 1, timeout=30)
+    [(message_id, attempt, *_)] = await _attempt_rows(db_url)
+    assert (message_id, attempt) == (content_id(body), 3)
 
 
 async def test_poison_is_dead_lettered_while_others_flow(amqp, make_config, run_daemon):
