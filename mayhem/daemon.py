@@ -50,8 +50,10 @@ from mayhem.broker import Broker
 from mayhem.config import Config
 from mayhem.consumer import Consumer
 from mayhem.exceptions import ConfigError, MayhemError
+from mayhem.flush import flush_metrics
 from mayhem.handlers import DemoHandler, handler_setup, load_handler
-from mayhem.metrics import HealthServer, Metrics
+from mayhem.health import HealthServer
+from mayhem.metrics import Metrics
 from mayhem.nulls import NoHealth, NullConsumer, NullWorkers
 from mayhem.outage import Outage
 from mayhem.redact import mask_url
@@ -337,7 +339,8 @@ class Daemon:
         async with self.deadlines.at_most():
             # In a thread: a slow Pushgateway must not stall the endpoint's last scrapes.
             await asyncio.to_thread(
-                self.metrics.flush,
+                flush_metrics,
+                self.metrics,
                 self.config.metrics_textfile,
                 self.config.pushgateway,
                 "mayhem",

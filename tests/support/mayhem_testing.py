@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
+import aiohttp
 import aiosqlite
 import asyncpg
 import attrs
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 ROOT = Path(__file__).resolve().parents[2]
 SUPPORT = Path(__file__).resolve().parent
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30)
 
 
 async def declare(connection: aio_pika.abc.AbstractConnection, config: Config) -> None:
@@ -302,32 +304,16 @@ class DaemonProcess:
 
 
 async def http_get(addr: str, path: str) -> tuple[int, str]:
-    """A tiny HTTP GET on loopback, enough for /metrics, /healthz and /readyz."""
-    host, _, port = addr.rpartition(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        await writer.drain()
-        data = await reader.read()
-    finally:
-        writer.close()
-    head, _, body = data.decode().partition("\r\n\r\n")
-    status = int(head.split()[1])
-    if "transfer-encoding: chunked" in head.lower():
-        body = _unchunk(body)
-    return status, body
+    """GET ``path`` from the endpoint at ``addr`` (``host:port``) with aiohttp's client.
 
-
-def _unchunk(body: str) -> str:
-    out = []
-    while body:
-        size_text, _, rest = body.partition("\r\n")
-        size = int(size_text, 16)
-        if size == 0:
-            break
-        out.append(rest[:size])
-        body = rest[size + 2 :]
-    return "".join(out)
+    Raises:
+        aiohttp.ClientError: the endpoint did not answer (refused, reset, closed unanswered).
+    """
+    async with (
+        aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session,
+        session.get(f"http://{addr}{path}") as response,
+    ):
+        return response.status, await response.text()
 
 
 async def wait_until(predicate: Any, timeout: float = 30, interval: float = 0.05) -> None:
