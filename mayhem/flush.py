@@ -54,9 +54,18 @@ def flush_metrics(
         try:
             _write_textfile(textfile, metrics.own)
         except OSError as exc:
-            log.warning("metrics textfile %s not written: %s", textfile, exc)
+            log.warning(
+                "metrics textfile %s not written: %s",
+                textfile,
+                exc,
+                extra={"event": "metrics_not_written", "path": textfile},
+            )
         else:
-            log.info("metrics written to %s", textfile)
+            log.info(
+                "metrics written to %s",
+                textfile,
+                extra={"event": "metrics_written", "path": textfile},
+            )
     if pushgateway:
         shown = mask_url(pushgateway)
         try:
@@ -65,9 +74,11 @@ def flush_metrics(
             # One line without a traceback: an error about the URL (e.g. http.client's
             # InvalidURL) may quote it, password and all.
             error = redact(f"{type(exc).__name__}: {exc}", url_secrets(pushgateway))
-            log.warning("metrics not pushed to %s: %s", shown, error)
+            log.warning(
+                "metrics not pushed to %s: %s", shown, error, extra={"event": "metrics_not_pushed"}
+            )
         else:
-            log.info("metrics pushed to %s", shown)
+            log.info("metrics pushed to %s", shown, extra={"event": "metrics_pushed"})
 
 
 def _push(url: str, job: str, registry: OwnMetrics, grouping: dict[str, str] | None) -> None:

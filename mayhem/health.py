@@ -203,10 +203,16 @@ class HealthServer:
         now = time.monotonic()
         if now - self._refused_logged_at >= HTTP_REFUSED_LOG_INTERVAL:
             self._refused_logged_at = now
+            refused = int(self._metrics.value("mayhem_http_connections_refused_total"))
             log.warning(
                 "metrics endpoint: refusing connections beyond %d open ◆ %d refused so far",
                 open_connections,
-                int(self._metrics.value("mayhem_http_connections_refused_total")),
+                refused,
+                extra={
+                    "event": "http_connections_refused",
+                    "open": open_connections,
+                    "refused": refused,
+                },
             )
 
     async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
