@@ -311,15 +311,12 @@ class Daemon:
         pending = [task for task in tasks if not task.done()]
         if pending:
             why = "second signal" if self.deadlines.forced else "drain_timeout"
+            reason, cancelled = why.replace(" ", "_"), len(pending)
             log.warning(
                 "%s: cancelling %d handlers still running",
                 why,
-                len(pending),
-                extra={
-                    "event": "handlers_cancelled",
-                    "why": why.replace(" ", "_"),
-                    "cancelled": len(pending),
-                },
+                cancelled,
+                extra={"event": "handlers_cancelled", "why": reason, "cancelled": cancelled},
             )
             await cancel_all(pending, self.deadlines, msg=f"{why}: message requeued")
         self.shutdown_requeued += self.workers.cancelled
