@@ -240,6 +240,6 @@ async def sigterm_to_exit(
             await daemon.kill()
         if code != 0:
             raise RuntimeError(f"daemon exited {code}")
-        drain = next(e for e in daemon.lines if "step 4/7" in e["event"])
-        drain_s = float(drain["event"].split(" in ")[1].split(" s")[0])
+        [drain] = daemon.events("shutdown_step", step="drained")
+        drain_s = float(drain["duration"])
         return took, drain_s

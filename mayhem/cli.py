@@ -243,7 +243,12 @@ def _exit_despite_stuck_threads(code: int) -> None:
         thread.join(max(0.0, deadline - time.monotonic()))
     stuck = [t for t in others if t.is_alive()]
     if stuck:
-        log.warning("exiting with %d handler threads still running: %s", len(stuck), stuck)
+        log.warning(
+            "exiting with %d handler threads still running: %s",
+            len(stuck),
+            stuck,
+            extra={"event": "handler_threads_left", "count": len(stuck)},
+        )
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

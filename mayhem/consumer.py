@@ -184,6 +184,7 @@ class Consumer:
             version.decode() if isinstance(version, bytes) else version,
             self._config.handler_timeout,
             CONSUMER_TIMEOUT,
+            extra={"event": "consumer_timeout_unknown"},
         )
 
     async def _connect(self) -> Link:
@@ -252,6 +253,7 @@ class Consumer:
             exc or "closed",
             dropped,
             self.backoff.next_delay,
+            extra={"event": "broker_connection_lost"},
         )
         self._lost.set()
 
@@ -290,7 +292,10 @@ class Consumer:
                 self.backoff.up()
                 self._metrics.broker_reconnects.inc()
                 if self.active:
-                    log.info("consuming again: broker connection re-established")
+                    log.info(
+                        "consuming again: broker connection re-established",
+                        extra={"event": "consuming_again"},
+                    )
                 else:
                     log.info("broker connection re-established; consumption stays paused")
                 break

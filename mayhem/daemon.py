@@ -50,8 +50,10 @@ from mayhem.broker import Broker
 from mayhem.config import Config
 from mayhem.consumer import Consumer
 from mayhem.exceptions import ConfigError, MayhemError
+from mayhem.flush import flush_metrics
 from mayhem.handlers import DemoHandler, handler_setup, load_handler
-from mayhem.metrics import HealthServer, Metrics
+from mayhem.health import HealthServer
+from mayhem.metrics import Metrics
 from mayhem.nulls import NoHealth, NullConsumer, NullWorkers
 from mayhem.outage import Outage
 from mayhem.redact import mask_url
@@ -235,7 +237,7 @@ class Daemon:
             config.effective_prefetch,
             mask_url(config.db_url),
             f"http://{self.health.bound}/metrics" if self.health.bound else "off",
-            extra={"metrics_addr": self.health.bound},
+            extra={"event": "started", "metrics_addr": self.health.bound},
         )
 
     # -- serve -----------------------------------------------------------------------------
@@ -252,20 +254,29 @@ class Daemon:
         # After a failed start the same steps run, quietly: the start-up error is the news.
         level = logging.INFO if self._started else logging.DEBUG
         sig = self.signals.received
-        log.log(level, "shutdown begins (%s)", sig.name if sig else "startup failed or ended")
+        log.log(
+            level,
+            "shutdown begins (%s)",
+            sig.name if sig else "startup failed or ended",
+            extra={"event": "shutdown_begins", "signal": sig.name if sig else None},
+        )
         if not await run_steps(SHUTDOWN, self, level=level):
             self.exit_code = 1
+        summary = {
+            "duration": round(time.monotonic() - began, 3),
+            "delivered": self.consumer.delivered,
+            "acked": self.workers.acked,
+            "requeued": self.shutdown_requeued,
+            "cancelled": self.workers.cancelled,
+            "duplicates": self._count("duplicate"),
+            "dead_lettered": self._count("dead_lettered") + self._count("rejected"),
+        }
         log.log(
             level,
             "shutdown complete in %.2f s ◆ %d delivered ◆ %d acked ◆ %d requeued ◆ "
             "%d cancelled ◆ %d duplicates ◆ %d dead-lettered",
-            time.monotonic() - began,
-            self.consumer.delivered,
-            self.workers.acked,
-            self.shutdown_requeued,
-            self.workers.cancelled,
-            self._count("duplicate"),
-            self._count("dead_lettered") + self._count("rejected"),
+            *summary.values(),
+            extra={"event": "shutdown_complete", **summary},
         )
 
     async def _announce_stop(self) -> None:
@@ -300,7 +311,13 @@ class Daemon:
         pending = [task for task in tasks if not task.done()]
         if pending:
             why = "second signal" if self.deadlines.forced else "drain_timeout"
-            log.warning("%s: cancelling %d handlers still running", why, len(pending))
+            reason, cancelled = why.replace(" ", "_"), len(pending)
+            log.warning(
+                "%s: cancelling %d handlers still running",
+                why,
+                cancelled,
+                extra={"event": "handlers_cancelled", "why": reason, "cancelled": cancelled},
+            )
             await cancel_all(pending, self.deadlines, msg=f"{why}: message requeued")
         self.shutdown_requeued += self.workers.cancelled
         # Deliveries that raced with basic.cancel and landed behind the exit sentinels.
@@ -337,7 +354,8 @@ class Daemon:
         async with self.deadlines.at_most():
             # In a thread: a slow Pushgateway must not stall the endpoint's last scrapes.
             await asyncio.to_thread(
-                self.metrics.flush,
+                flush_metrics,
+                self.metrics,
                 self.config.metrics_textfile,
                 self.config.pushgateway,
                 "mayhem",

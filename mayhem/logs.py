@@ -1,5 +1,10 @@
 """Logging: one JSON object a line for journald and shippers, or text for terminals.
 
+A JSON line carries the human text in ``message`` and, for the lines listed in
+:data:`EVENTS`, a stable snake_case name in ``event`` (given as ``extra={"event": ...}``):
+tests, alerts and log queries match the name and the fields beside it, never the text, which
+may be reworded.
+
 The message id of the message being handled is added to every record from a context variable,
 so log lines of a handler, a worker or the store can all be found by id.
 
@@ -17,6 +22,7 @@ import logging
 import re
 import sys
 import time
+from types import MappingProxyType
 from typing import Final
 
 MESSAGE_ID: Final[contextvars.ContextVar[str | None]] = contextvars.ContextVar(
@@ -27,6 +33,50 @@ _STANDARD: Final = frozenset(
     | {"message", "asctime", "message_id", "taskName"}
 )
 
+
+# Every ``event`` a log line may carry, with what it means and the fields logged beside it
+# (besides time, level, logger, message and message_id). A unit test checks that each name
+# used in mayhem/ is listed here, and each listed name is used.
+EVENTS: Final = MappingProxyType(
+    {
+        "started": "the daemon is up and consuming; metrics_addr (host:port, or null)",
+        "shutdown_begins": "a shutdown began; signal (its name, or null after a failed start)",
+        "shutdown_step": (
+            "a shutdown step ended; step (its stable name), duration (s), and the step's counts "
+            "(requeued; in_flight, cancelled, late_requeued)"
+        ),
+        "shutdown_step_failed": "a shutdown step raised (traceback in exception); step",
+        "shutdown_step_timed_out": "a shutdown step passed its time limit; the step goes on",
+        "shutdown_complete": (
+            "the shutdown ended; duration (s), delivered, acked, requeued, cancelled, duplicates, "
+            "dead_lettered"
+        ),
+        "handlers_cancelled": (
+            "the drain stopped waiting and cancelled the handlers still running (their messages "
+            "are requeued); why (second_signal or drain_timeout), cancelled"
+        ),
+        "handler_threads_left": "the process exits with handler threads still running; count",
+        "config_reloaded": "SIGHUP applied the configuration; log_level, concurrency",
+        "database_outage": "a worker could not reach the database",
+        "consumption_paused": "consumption paused for a database outage; requeued",
+        "database_still_unavailable": "the database did not answer a probe; retry_in (s)",
+        "database_back": "the database answers again and consumption resumed; outage (s)",
+        "broker_connection_lost": "the consuming connection was lost; it reconnects with backoff",
+        "consuming_again": "the consuming connection is back and consuming",
+        "consumer_timeout_unknown": "what handler_timeout is checked against (logged at start)",
+        "handler_failed": "a handler raised; the message is retried or dead-lettered",
+        "rejected_unread": "a body over max_message_bytes, rejected unread (to <queue>.dead)",
+        "dead_lettered": "a message was copied to <queue>.dead; reason, attempts",
+        "metrics_written": "the final metrics were written to the textfile; path",
+        "metrics_not_written": "the metrics textfile could not be written; path",
+        "metrics_pushed": "the final metrics were pushed to the Pushgateway",
+        "metrics_not_pushed": "the push to the Pushgateway failed (URL and error masked)",
+        "http_connections_refused": (
+            "the metrics endpoint refuses connections beyond its limit (once a minute at most); "
+            "open, refused"
+        ),
+    }
+)
 
 # The longest error text a log line or x-mayhem-error carries.
 MAX_TEXT: Final = 1000
@@ -87,7 +137,10 @@ class _LibraryTracebacks(logging.Filter):
 
 
 class JSONFormatter(logging.Formatter):
-    """Formats a record as one JSON object: time, level, logger, event, message_id, fields."""
+    """Formats a record as one JSON object: time, level, logger, event, message, message_id, fields.
+
+    ``event`` is there when the call gave one (:data:`EVENTS`); ``message`` is the human text.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         """Render ``record`` as a JSON line."""
@@ -96,8 +149,11 @@ class JSONFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": record.getMessage(),
         }
+        event = getattr(record, "event", None)
+        if event is not None:
+            entry["event"] = event
+        entry["message"] = record.getMessage()
         message_id = getattr(record, "message_id", None)
         if message_id is not None:
             entry["message_id"] = message_id
@@ -112,9 +168,9 @@ class JSONFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    r"""``time level logger [message_id] event`` for people at a terminal.
+    r"""``time level logger [message_id] message`` for people at a terminal.
 
-    Control characters in the message id and the event are escaped (``\n``, ``\x1b``).
+    Control characters in the message id and the message are escaped (``\n``, ``\x1b``).
     """
 
     def __init__(self) -> None:
@@ -127,7 +183,7 @@ class TextFormatter(logging.Formatter):
         return super().format(record)
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 -- logging's name
-        """The line without its traceback: the event with its control characters escaped."""
+        """The line without its traceback: the message with its control characters escaped."""
         record.message = escape_controls(record.message)
         return super().formatMessage(record)
 

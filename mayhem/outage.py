@@ -54,7 +54,7 @@ class Outage:
     def report(self, why: str) -> None:
         """A worker could not reach the database (the workers' ``on_store_outage``)."""
         if not self._detected.is_set():
-            log.warning("database outage detected: %s", why)
+            log.warning("database outage detected: %s", why, extra={"event": "database_outage"})
             self._detected.set()
 
     async def watch(self, consumer: Consumer, stopping: Callable[[], bool]) -> None:
@@ -72,13 +72,22 @@ class Outage:
             self._metrics.store_outages.inc()
             await consumer.cancel()
             requeued = await consumer.requeue_buffered()
-            log.warning("consumption paused: database unavailable ◆ %d buffered requeued", requeued)
+            log.warning(
+                "consumption paused: database unavailable ◆ %d buffered requeued",
+                requeued,
+                extra={"event": "consumption_paused", "requeued": requeued},
+            )
             await self._probe()
             self._detected.clear()
             self.available = True
             self._metrics.store_up.set(1)
             await _resume(consumer, stopping)
-            log.info("database back after %.1f s: consuming again", time.monotonic() - began)
+            outage = time.monotonic() - began
+            log.info(
+                "database back after %.1f s: consuming again",
+                outage,
+                extra={"event": "database_back", "outage": round(outage, 3)},
+            )
 
     async def _probe(self) -> None:
         """Return once the database answers a ping, trying with backoff."""
@@ -87,7 +96,12 @@ class Outage:
             try:
                 await self._store.ping()
             except StoreUnavailable as exc:
-                log.info("database still unavailable (%s); next try in %.1f s", exc, delay)
+                log.info(
+                    "database still unavailable (%s); next try in %.1f s",
+                    exc,
+                    delay,
+                    extra={"event": "database_still_unavailable", "retry_in": delay},
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
             else:

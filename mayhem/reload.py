@@ -112,4 +112,9 @@ class Reloader:
             changes["log_level"],
             changes["concurrency"],
             f" ◆ restart to apply: {', '.join(ignored)}" if ignored else "",
+            extra={
+                "event": "config_reloaded",
+                "log_level": changes["log_level"],
+                "concurrency": changes["concurrency"],
+            },
         )

@@ -289,6 +289,7 @@ class Failures:
             attempt,
             describe(exc, 200),
             len(delivery.body),
+            extra={"event": "dead_lettered", "reason": reason, "attempts": attempt},
         )
         if self._settler.ack(delivery):
             metrics = self._metrics

@@ -108,7 +108,9 @@ class Deadlines:
         except TimeoutError:
             if not timeout.expired():
                 raise
-            log.warning("shutdown step timed out; going on")
+            log.warning(
+                "shutdown step timed out; going on", extra={"event": "shutdown_step_timed_out"}
+            )
 
     async def enforce(self) -> None:
         """Wait for ``force``, then move each running limit to now (plus its ``forced`` grace).

@@ -52,7 +52,12 @@ async def run_steps(steps: Collection[Step[T]], target: T, *, level: int) -> boo
         try:
             details = await step.run(target) or {}
         except Exception:
-            log.exception("shutdown step %d (%s) failed", number, step.what)
+            log.exception(
+                "shutdown step %d (%s) failed",
+                number,
+                step.what,
+                extra={"event": "shutdown_step_failed", "step": step.name},
+            )
             ok = False
         finally:
             took = time.monotonic() - began
@@ -65,7 +70,12 @@ async def run_steps(steps: Collection[Step[T]], target: T, *, level: int) -> boo
                 step.what,
                 took,
                 shown,
-                extra={"step": step.name, "duration": round(took, 3), **details},
+                extra={
+                    "event": "shutdown_step",
+                    "step": step.name,
+                    "duration": round(took, 3),
+                    **details,
+                },
             )
     return ok
 

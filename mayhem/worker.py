@@ -161,6 +161,7 @@ class Workers:
             delivery.body_size,
             self._config.max_message_bytes,
             self._config.dead_queue,
+            extra={"event": "rejected_unread"},
         )
         self._metrics.rejected.inc()
 
@@ -182,7 +183,12 @@ class Workers:
         except Reject as exc:
             return Outcome.REJECTED, exc
         except Exception as exc:
-            log.warning("handler failed: %s", describe(exc), exc_info=log.isEnabledFor(10))
+            log.warning(
+                "handler failed: %s",
+                describe(exc),
+                exc_info=log.isEnabledFor(10),
+                extra={"event": "handler_failed"},
+            )
             return Outcome.FAILED, exc
         return (Outcome.APPLIED if applied else Outcome.DUPLICATE), None
 

@@ -8,7 +8,9 @@ budget (``bench/RESULTS.md``, ``docs/adr/0001-own-consuming-client.md``).
 - :mod:`mayhem.amqp.url`: the broker URL, parsed once (:class:`Endpoint`);
 - :mod:`mayhem.amqp.framing`: frame layouts and content-header decoding;
 - :mod:`mayhem.amqp.delivery`: what is handed on (:class:`Delivery`, :class:`Properties`);
-- :mod:`mayhem.amqp.link`: the connection itself (:class:`Link`, :func:`open_link`).
+- :mod:`mayhem.amqp.reader`: frames cut from the byte stream, deliveries assembled;
+- :mod:`mayhem.amqp.link`: the connection itself (:class:`Link`, :func:`open_link`): the
+  handshake, the broker's methods, acks.
 
 The dead-letter tools (:mod:`mayhem.dead`) read ``<queue>.dead`` through it too (``basic.get``),
 because it decodes hostile properties per message where aio-pika's reader drops the connection.

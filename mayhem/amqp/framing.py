@@ -16,6 +16,12 @@ from mayhem.amqp.delivery import Properties
 
 FRAME_HEAD: Final = struct.Struct(">BHI")  # type, channel, size; then payload and 0xCE
 FRAME_MIN: Final = 8
+# The largest frame the consuming connection agrees to (the broker may ask for less).
+FRAME_MAX: Final = 131_072
+# RabbitMQ does not split a content header to frame_max: it passes on what publishers sent
+# (up to the broker's own frame_max, which may be larger than ours) plus the headers it adds
+# when dead-lettering (x-death). Header frames get this much room beyond the larger of the two.
+HEADER_SLACK: Final = 1 << 20
 DELIVER_INDEX: Final = 0x003C003C  # basic.deliver: class 60, method 60
 ACK: Final = struct.Struct(">BHIIQBB")  # method frame, basic.ack, tag, multiple, 0xCE
 ACK_INDEX: Final = 0x003C0050

@@ -1,9 +1,10 @@
 """The consuming connection: one AMQP connection with channel 1, which only consumes.
 
-A :class:`Link` is an :class:`asyncio.Protocol`: it reads frames straight from the transport's
-buffer, hands each delivery to a plain callback, and writes acks without awaiting. It is one
-connection, closed for good once lost; reconnecting is the consumer's job
-(:mod:`mayhem.consumer`).
+A :class:`Link` is an :class:`asyncio.Protocol`: its reading half
+(:class:`~mayhem.amqp.reader.FrameReader`) takes frames straight from the transport's buffer
+and hands each delivery to a plain callback; this half opens the connection, answers the
+broker's methods and writes acks without awaiting. It is one connection, closed for good once
+lost; reconnecting is the consumer's job (:mod:`mayhem.consumer`).
 """
 
 from __future__ import annotations
@@ -16,44 +17,29 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from pamqp import commands, constants, frame
 
-from mayhem.amqp.delivery import Delivery, Properties
-from mayhem.amqp.framing import (
-    ACK,
-    ACK_INDEX,
-    DELIVER_INDEX,
-    FRAME_END_BYTE,
-    FRAME_HEAD,
-    FRAME_MIN,
-    GET_OK_INDEX,
-    HEARTBEAT_FRAME,
-    decode_content_header,
-    short_string,
-)
+from mayhem.amqp.framing import ACK, ACK_INDEX, FRAME_MAX, HEADER_SLACK, HEARTBEAT_FRAME
+from mayhem.amqp.reader import CHANNEL, FrameReader
 from mayhem.exceptions import BrokerRefused, LinkLost, QueueMissing
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
+    from mayhem.amqp.delivery import Delivery
     from mayhem.amqp.url import Endpoint
+
+# FRAME_MAX stays importable from here: what this link agrees to in Connection.Tune.
+__all__ = ["CHANNEL", "FRAME_MAX", "HEADER_SLACK", "Link", "describe_failure", "open_link"]
 
 log = logging.getLogger(__name__)
 
-CHANNEL: Final = 1
-FRAME_MAX: Final = 131_072
 CONNECT_TIMEOUT: Final = 10.0
 REPLY_TIMEOUT: Final = 10.0
-# RabbitMQ does not split a content header to frame_max: it passes on what publishers sent
-# (up to the broker's own frame_max, which may be larger than ours) plus the headers it adds
-# when dead-lettering (x-death). Header frames get this much room beyond the larger of the two.
-HEADER_SLACK: Final = 1 << 20
 _ACCESS_REFUSED: Final = 403
 _NOT_FOUND: Final = 404
 _CLOSED: Final = "the consuming connection is closed"
-_CONTENT_METHODS: Final = frozenset((DELIVER_INDEX, GET_OK_INDEX))
-_GET_OK: Final = commands.Basic.GetOk()  # what get() waits for (the fields go to _deliver)
 
 
-class Link(asyncio.Protocol):
+class Link(FrameReader):
     """One connection to the broker, with channel 1 for consuming; not reopened once closed.
 
     Args:
@@ -66,30 +52,14 @@ class Link(asyncio.Protocol):
         on_delivery: Callable[[Delivery], None],
         on_lost: Callable[[Link, BaseException | None], None],
     ) -> None:
-        self._on_delivery = on_delivery
+        super().__init__(on_delivery)
         self._on_lost = on_lost
-        self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
         # Replies to our synchronous methods, in the order asked (the broker answers in order).
         self._replies: deque[tuple[tuple[type, ...], asyncio.Future[Any]]] = deque()
-        self.closed = False
         self._start = self._expect(commands.Connection.Start)
-        # The content being received: basic.deliver (or get-ok) read, then its header, then
-        # its body frames. _deliver is set from the method to the last body frame.
-        self._deliver: tuple[int, bool, str, str] | None = None
-        self._properties: Properties | None = None
-        self._body: list[bytes] = []
-        self._body_size = 0
-        self._body_left = 0
-        self._dropping = False  # this body is over max_body: its frames are skipped
-        self.max_body: int | None = None
-        # Until Connection.Tune, the most we would ever agree to.
-        self._payload_max = FRAME_MAX - 8
-        self._header_max = FRAME_MAX + HEADER_SLACK - 8
         self._heartbeat = 0
         self._heartbeat_timer: asyncio.TimerHandle | None = None
-        self._last_received = self._loop.time()
         self._closing = False
         self.consumer_tag: str | None = None
         self.server: dict[str, Any] = {}
@@ -101,43 +71,6 @@ class Link(asyncio.Protocol):
         self._transport = stream = cast("asyncio.Transport", transport)
         stream.write(constants.AMQP + bytes((0, 0, 9, 1)))
 
-    def data_received(self, data: bytes) -> None:  # noqa: D102
-        buffer = self._buffer
-        buffer += data
-        self._last_received = self._loop.time()
-        offset, size = 0, len(buffer)
-        try:
-            # Once closed (the broker closed it, or a frame was refused) what follows is void.
-            while size - offset >= FRAME_MIN and not self.closed:
-                kind, channel, length = FRAME_HEAD.unpack_from(buffer, offset)
-                if length > self._payload_max and (
-                    kind != constants.FRAME_HEADER or length > self._header_max
-                ):
-                    # Checked on the frame head: never buffer up to what a peer declares.
-                    raise _too_large(kind, length, self._payload_max)
-                end = offset + 7 + length
-                if end >= size:
-                    break
-                if buffer[end] != constants.FRAME_END:
-                    msg = f"frame of type {kind} does not end with 0xCE"
-                    raise LinkLost(msg)
-                if kind == constants.FRAME_BODY:
-                    self._on_body(channel, buffer, offset + 7, end)
-                elif kind == constants.FRAME_METHOD:
-                    self._on_method(channel, bytes(buffer[offset + 7 : end]))
-                elif kind == constants.FRAME_HEADER:
-                    self._on_header(channel, bytes(buffer[offset + 7 : end]))
-                elif kind != constants.FRAME_HEARTBEAT:  # which only refreshes _last_received
-                    msg = f"frame of unknown type {kind}"
-                    raise LinkLost(msg)
-                offset = end + 1
-        except Exception as exc:
-            # Hostile or broken bytes can make pamqp raise anything: none may escape into the
-            # event loop.
-            self._protocol_error(exc)
-        finally:
-            del buffer[:offset]
-
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
         # Always LinkLost to the waiters and on_lost: an OSError or ssl.SSLError (a reset, a
         # TLS alert such as "certificate required") must not escape the reconnect loop.
@@ -147,35 +80,9 @@ class Link(asyncio.Protocol):
             cause = None if self._closing else LinkLost("the broker closed the connection")
         self._closed(cause)
 
-    # -- frames ------------------------------------------------------------------------------
+    # -- methods ------------------------------------------------------------------------------
 
-    def _protocol_error(self, exc: Exception) -> None:
-        if not isinstance(exc, LinkLost):
-            exc = LinkLost(f"bad frame: {type(exc).__name__}: {exc}")
-        if not self.closed:
-            log.error("protocol error on the consuming connection, closing it: %s", exc)
-        self._fail(exc)
-
-    def _on_method(self, channel: int, data: bytes) -> None:
-        if channel != CHANNEL or self._deliver is not None:
-            _check_method_channel(channel)
-        index = int.from_bytes(data[:4])
-        if index in _CONTENT_METHODS:
-            if channel != CHANNEL:
-                raise _off_channel(constants.FRAME_METHOD, channel)
-            # [consumer tag,] delivery tag, redelivered, exchange, routing key
-            offset = short_string(data, 4)[1] if index == DELIVER_INDEX else 4
-            tag = int.from_bytes(data[offset : offset + 8])
-            redelivered = bool(data[offset + 8] & 1)
-            exchange, offset = short_string(data, offset + 9)
-            routing_key, _ = short_string(data, offset)
-            self._deliver = (tag, redelivered, exchange, routing_key)
-            if index == GET_OK_INDEX:
-                self._reply(_GET_OK)
-            return
-        _, _, method = frame.unmarshal(
-            FRAME_HEAD.pack(constants.FRAME_METHOD, channel, len(data)) + data + FRAME_END_BYTE
-        )
+    def _on_control(self, method: object) -> None:
         match method:
             case commands.Connection.Close():
                 self._write(commands.Connection.CloseOk(), 0)
@@ -207,59 +114,6 @@ class Link(asyncio.Protocol):
         else:
             msg = f"expected {expected[0].__name__}, the broker sent {type(method).__name__}"
             waiter.set_exception(LinkLost(msg))
-
-    def _on_header(self, channel: int, data: bytes) -> None:
-        if channel != CHANNEL:
-            raise _off_channel(constants.FRAME_HEADER, channel)
-        if self._deliver is None or self._properties is not None:
-            msg = "content header without a basic.deliver before it"
-            raise LinkLost(msg)
-        self._body_size, self._properties = decode_content_header(data)
-        self._body_left = self._body_size
-        # Over the limit: refused by its declared size, before a byte of it is buffered.
-        self._dropping = self.max_body is not None and self._body_size > self.max_body
-        if not self._body_left:
-            self._delivered(b"")
-
-    def _on_body(self, channel: int, buffer: bytearray, start: int, end: int) -> None:
-        if channel != CHANNEL:
-            raise _off_channel(constants.FRAME_BODY, channel)
-        if self._dropping:
-            self._drop_body(end - start)
-            return
-        data = bytes(buffer[start:end])
-        self._body_left -= len(data)
-        if self._body_left > 0:
-            self._body.append(data)
-            return
-        if self._body_left < 0 or self._properties is None:
-            raise _stray_body(self._properties)
-        if self._body:
-            self._body.append(data)
-            data = b"".join(self._body)
-            self._body.clear()
-        self._delivered(data)
-
-    def _drop_body(self, length: int) -> None:
-        self._body_left -= length
-        if self._body_left < 0:
-            raise _stray_body(self._properties)
-        if not self._body_left:
-            self._dropping = False
-            self._delivered(b"")
-
-    def _delivered(self, body: bytes) -> None:
-        deliver, properties = self._deliver, self._properties
-        self._deliver = self._properties = None
-        if deliver is None or properties is None:
-            msg = "content without a basic.deliver"
-            raise LinkLost(msg)
-        tag, redelivered, exchange, routing_key = deliver
-        self._on_delivery(
-            Delivery(
-                self, tag, redelivered, exchange, routing_key, properties, body, self._body_size
-            )
-        )
 
     # -- the hot path: settling ---------------------------------------------------------------
 
@@ -498,33 +352,6 @@ def _negotiate(ours: int, theirs: int) -> int:
     if not ours or not theirs:
         return ours or theirs
     return min(ours, theirs)
-
-
-def _too_large(kind: int, length: int, payload_max: int) -> LinkLost:
-    if kind == constants.FRAME_HEADER:
-        return LinkLost(f"content header frame of {length + 8} bytes, too large to read")
-    return LinkLost(f"frame of {length + 8} bytes over frame_max ({payload_max + 8})")
-
-
-def _off_channel(kind: int, channel: int) -> LinkLost:
-    return LinkLost(f"frame of type {kind} on channel {channel}")
-
-
-def _check_method_channel(channel: int) -> None:
-    """Raise unless a method may come on ``channel`` now (on channel 1 no content is open)."""
-    if channel == CHANNEL:
-        # A channel's content frames are never interleaved with a method of that channel
-        # (channel 0's may come between them).
-        msg = "method frame in the middle of a delivery's content"
-        raise LinkLost(msg)
-    if channel:
-        raise _off_channel(constants.FRAME_METHOD, channel)
-
-
-def _stray_body(properties: Properties | None) -> LinkLost:
-    if properties is None:
-        return LinkLost("body frame without a content header before it")
-    return LinkLost("body frames longer than the content header declared")
 
 
 def _refusal(method: commands.Connection.Close | commands.Channel.Close) -> LinkLost:

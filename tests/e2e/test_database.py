@@ -58,16 +58,16 @@ async def test_postgres_down_mid_stream(amqp, make_config, pg_url, spawn):
     await wait_until(lambda: applied_at_least(pg_url, 200), timeout=30)
     try:
         pg_ctl("stop")
-        await daemon.wait_for(lambda e: e["event"].startswith("consumption paused"), 30)
+        await daemon.wait_for_event("consumption_paused", 30)
         status, body = await http_get(daemon.metrics_addr, "/readyz")
         assert status == 503
         assert "database unavailable" in body
         # The outage lasts while the daemon probes with backoff (0.25 s, 0.5 s, 1 s, 2 s ...).
-        await wait_until(lambda: len(daemon.events("database still unavailable")) >= 5, timeout=60)
+        await wait_until(lambda: len(daemon.events("database_still_unavailable")) >= 5, timeout=60)
     finally:
         pg_ctl("start")
         await wait_until(lambda: pg_ready(PG_URL), timeout=60)
-    await daemon.wait_for(lambda e: e["event"].startswith("database back"), 60)
+    await daemon.wait_for_event("database_back", 60)
     await wait_until(lambda: applied_at_least(pg_url, 1500), timeout=60)
     status, _ = await http_get(daemon.metrics_addr, "/readyz")
     assert status == 200
@@ -110,7 +110,7 @@ async def test_connection_killed_mid_transaction(amqp, make_config, pg_url, spaw
         await admin.close()
     assert killed >= 1
     await wait_until(lambda: applied_at_least(pg_url, 100), timeout=60)
-    assert daemon.events("database outage detected")
+    assert daemon.events("database_outage")
     assert await daemon.stop() == 0
     verdict = await oracle(amqp, config.queue, pg_url, ids)
     assert verdict.lost == frozenset()

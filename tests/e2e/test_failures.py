@@ -41,7 +41,7 @@ async def test_broker_closes_the_connection_mid_stream(amqp, make_config, db_url
     await daemon.start()
     await wait_until(lambda: applied_at_least(db_url, 200), timeout=30)
     assert close_connections_of(daemon.pid) >= 1
-    await daemon.wait_for(lambda e: e["event"].startswith("consuming again"), timeout=30)
+    await daemon.wait_for_event("consuming_again", timeout=30)
     await wait_until(lambda: applied_at_least(db_url, 2000), timeout=60)
     assert await metric(daemon.metrics_addr, "mayhem_broker_reconnects_total") >= 1
     assert await daemon.stop() == 0
@@ -130,14 +130,14 @@ async def test_broker_restart_mid_stream(amqp_url, make_config, spawn):
     await wait_until(lambda: applied_at_least(config.db_url, 200), timeout=30)
     try:
         rabbitmqctl("stop_app")
-        await daemon.wait_for(lambda e: e["event"].startswith("broker connection lost"), 30)
+        await daemon.wait_for_event("broker_connection_lost", 30)
         status, body = await http_get(daemon.metrics_addr, "/readyz")
         assert status == 503
         assert "broker disconnected" in body
     finally:
         rabbitmqctl("start_app")
         rabbitmqctl("await_startup")
-    await daemon.wait_for(lambda e: e["event"].startswith("consuming again"), 60)
+    await daemon.wait_for_event("consuming_again", 60)
     await wait_until(lambda: applied_at_least(config.db_url, 1500), timeout=60)
     assert await daemon.stop() == 0
     connection = await aio_pika.connect(amqp_url)

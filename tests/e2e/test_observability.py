@@ -168,7 +168,7 @@ async def test_textfile_holds_the_final_counts_after_sigterm(amqp, make_config, 
     assert _value(values, "mayhem_messages_in_flight") == 0
     assert all(name.startswith("mayhem_") for name, _ in values)
     assert [path.name for path in textfile.parent.iterdir()] == ["mayhem.prom"]
-    assert daemon.events(f"metrics written to {textfile}")
+    assert daemon.events("metrics_written", path=str(textfile))
 
 
 async def test_readyz_503_during_the_drain(amqp, make_config, spawn, tmp_path):
@@ -203,7 +203,7 @@ async def test_readyz_503_during_the_drain(amqp, make_config, spawn, tmp_path):
     await wait_until(stuck_with_three_waiting, timeout=15)
     assert await http_get(daemon.metrics_addr, "/readyz") == (200, "ready\n")
     daemon.signal(signal.SIGTERM)
-    await daemon.wait_for(lambda e: "step 3/7" in e["event"], timeout=10)
+    await daemon.wait_for_event("shutdown_step", timeout=10, step="buffer_requeued")
     status, body = await http_get(daemon.metrics_addr, "/readyz")
     values = await _scrape(daemon)
     assert (status, body) == (503, "not ready: stopping\n")
@@ -241,7 +241,7 @@ async def test_buffered_gauge_counts_deliveries_only(amqp, make_config, spawn):
 
     await wait_until(stuck, timeout=10)
     daemon.signal(signal.SIGTERM)
-    await daemon.wait_for(lambda e: "step 3/7" in e["event"], timeout=10)
+    await daemon.wait_for_event("shutdown_step", timeout=10, step="buffer_requeued")
     values = await _scrape(daemon)
     assert _value(values, "mayhem_messages_in_flight") == 1
     assert _value(values, "mayhem_buffered_messages") == 0
@@ -363,8 +363,8 @@ async def test_json_logs_health_and_no_secret(amqp, make_config, spawn):
     1. Publish a good, a failing and a rejected message with known ids; run at DEBUG level
        (aio-pika and aiormq log the connection URL there).
     2. /healthz answers 200; neither /metrics nor /readyz shows the password.
-    3. After SIGTERM, every stderr line parses as JSON with time, level and event; the
-       lines about the failing and the rejected message carry their message_id; the
+    3. After SIGTERM, every stderr line parses as JSON with time, level and message; the
+       events about the failing and the rejected message carry their message_id; the
        password appears nowhere.
     """
     config = make_config(max_attempts=1)
@@ -396,16 +396,17 @@ async def test_json_logs_health_and_no_secret(amqp, make_config, spawn):
         assert isinstance(entry, dict)
         assert TIME.match(entry["time"]), entry
         assert entry["level"] in {"debug", "info", "warning", "error", "critical"}, entry
-        assert isinstance(entry["event"], str)
+        assert isinstance(entry["message"], str)
     by_id = collections.defaultdict(list)
     for entry in entries:
-        by_id[entry.get("message_id")].append(entry["event"])
-    assert any(event.startswith("handler failed") for event in by_id["m-fail"])
-    assert any(event.startswith("dead-lettered (failed)") for event in by_id["m-fail"])
-    assert any(event.startswith("dead-lettered (rejected)") for event in by_id["m-rej"])
-    unattributed = [e for e in by_id[None] if e.startswith(("dead-lettered", "handler failed"))]
+        if "event" in entry:
+            by_id[entry.get("message_id")].append((entry["event"], entry.get("reason")))
+    assert ("handler_failed", None) in by_id["m-fail"]
+    assert ("dead_lettered", "failed") in by_id["m-fail"]
+    assert ("dead_lettered", "rejected") in by_id["m-rej"]
+    unattributed = [e for e, _ in by_id[None] if e in {"dead_lettered", "handler_failed"}]
     assert unattributed == []
-    [started] = daemon.events("mayhem started")
+    [started] = daemon.events("started")
     assert started["metrics_addr"] == daemon.metrics_addr  # fields beside the event
     assert not any(SECRET in line for line in daemon.raw)
     assert any("amqp://guest:***@" in line for line in daemon.raw)

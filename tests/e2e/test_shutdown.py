@@ -16,6 +16,8 @@ from mayhem_testing import (
     wait_until,
 )
 
+from mayhem.daemon import SHUTDOWN
+
 
 async def test_sigterm_under_load_loses_nothing(amqp, make_config, db_url, spawn):
     """SIGTERM with the prefetch window in flight and thousands ready.
@@ -43,9 +45,8 @@ async def test_sigterm_under_load_loses_nothing(amqp, make_config, db_url, spawn
     assert verdict.duplicates == 0
     assert verdict.queued > 0, "the stop came mid-stream"
     assert verdict.applied + verdict.queued == 3000
-    summary = daemon.events("shutdown complete")
-    assert len(summary) == 1
-    assert len(daemon.events("shutdown step")) == 7
+    assert len(daemon.events("shutdown_complete")) == 1
+    assert [e["step"] for e in daemon.events("shutdown_step")] == [s.name for s in SHUTDOWN]
     assert daemon.tracebacks() == []
 
 
@@ -74,7 +75,8 @@ async def test_second_sigterm_stops_waiting(amqp, make_config, spawn):
     try:
         await wait_until(lambda: in_flight_at_least(daemon, 1), timeout=10)
         daemon.signal(signal.SIGTERM)
-        await daemon.wait_for(lambda e: "step 3/7" in e["event"], timeout=10)
+        # Step 3 done: the drain (step 4) is waiting for the stuck handler.
+        await daemon.wait_for_event("shutdown_step", timeout=10, step="buffer_requeued")
         second = time.monotonic()
         daemon.signal(signal.SIGTERM)
         assert await daemon.wait(timeout=10) == 0
@@ -85,7 +87,7 @@ async def test_second_sigterm_stops_waiting(amqp, make_config, spawn):
     verdict = await oracle(amqp, config.queue, config.db_url, ids)
     assert verdict.queued == 1
     assert verdict.rows == 0
-    assert daemon.events("second signal: cancelling 1 handlers")
+    assert daemon.events("handlers_cancelled", why="second_signal", cancelled=1)
 
 
 async def test_stuck_handler_cancelled_at_drain_deadline(amqp, make_config, db_url, spawn):
@@ -109,7 +111,7 @@ async def test_stuck_handler_cancelled_at_drain_deadline(amqp, make_config, db_u
     verdict = await oracle(amqp, config.queue, config.db_url, ids)
     assert verdict.lost == frozenset()
     assert verdict.queued == 1
-    assert daemon.events("drain_timeout: cancelling 1 handlers")
+    assert daemon.events("handlers_cancelled", why="drain_timeout", cancelled=1)
 
 
 async def test_sigint_is_graceful_too(amqp, make_config, spawn):
@@ -122,7 +124,7 @@ async def test_sigint_is_graceful_too(amqp, make_config, spawn):
         assert await daemon.wait(timeout=20) == 0
     finally:
         await daemon.kill()
-    assert daemon.events("shutdown begins (SIGINT)")
+    assert daemon.events("shutdown_begins", signal="SIGINT")
     assert daemon.tracebacks() == []
 
 
@@ -155,6 +157,6 @@ async def test_stuck_plain_def_handler_does_not_hang_the_exit(amqp, make_config,
     await daemon.start()
     await wait_until(lambda: in_flight_at_least(daemon, 1), timeout=10)
     assert await daemon.stop(timeout=30) == 0
-    assert daemon.events("exiting with 1 handler threads still running")
+    assert daemon.events("handler_threads_left", count=1)
     verdict = await oracle(amqp, config.queue, config.db_url, ids)
     assert verdict.queued == 1

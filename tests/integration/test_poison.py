@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pika
 import pytest
-from mayhem_testing import daemon_args, declare, drain, metric, publish, wait_until
+from mayhem_testing import (
+    daemon_args,
+    declare,
+    drain,
+    metric,
+    publish,
+    records_of,
+    wait_until,
+)
 from pamqp import commands, frame, header
 
 from mayhem.dead import dead_list, dead_replay, format_letters
@@ -182,7 +190,7 @@ async def test_body_over_max_message_bytes_is_rejected_to_the_dead_letter_queue_
     assert dead.body == big
     assert dead.headers["x-death"][0]["reason"] == "rejected"
     assert await drain(amqp, config.queue) == []
-    [line] = [r.getMessage() for r in caplog.records if "rejected unread" in r.getMessage()]
+    [line] = [r.getMessage() for r in records_of(caplog.records, "rejected_unread")]
     assert str(len(big)) in line
     assert big[:16].hex() not in caplog.text
 

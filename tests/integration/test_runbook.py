@@ -7,6 +7,7 @@ import logging
 import socket
 
 import pytest
+from mayhem_testing import records_of
 
 from mayhem.daemon import SHUTDOWN, Daemon
 from mayhem.exceptions import ConfigError, StartupError, StoreUnavailable
@@ -16,7 +17,7 @@ RUNBOOK = [step.name for step in SHUTDOWN]
 
 def _steps(caplog: pytest.LogCaptureFixture) -> list[tuple[str, int]]:
     """The shutdown steps logged, as (structured ``step`` field, level)."""
-    return [(r.step, r.levelno) for r in caplog.records if hasattr(r, "step")]
+    return [(r.step, r.levelno) for r in records_of(caplog.records, "shutdown_step")]
 
 
 async def test_stop_runs_the_runbook(make_config, run_daemon, caplog):

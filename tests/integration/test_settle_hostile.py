@@ -14,7 +14,7 @@ import re
 import aio_pika
 import pytest
 import settle_handlers
-from mayhem_testing import drain, publish, wait_until
+from mayhem_testing import drain, publish, records_of, wait_until
 
 from mayhem import logs
 from mayhem.headers import MAX_ERROR_HEADER, header_frame_size
@@ -313,8 +313,9 @@ async def test_hostile_exception_text_is_capped_and_escaped(amqp, make_config, r
     )
     assert error.endswith("…")
     formatter = logs.TextFormatter()
-    lines = [formatter.format(record) for record in records if record.name.startswith("mayhem")]
-    failed = [line for line in lines if "handler failed" in line]
+    ours = [record for record in records if record.name.startswith("mayhem")]
+    lines = [formatter.format(record) for record in ours]
+    failed = [formatter.format(record) for record in records_of(ours, "handler_failed")]
     assert len(failed) == 1
     assert r"[evil\n2026-01-01 00:00:00,000 INFO    mayhem forged\x1b[2J]" in failed[0]
     for line in lines:

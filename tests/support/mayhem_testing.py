@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
+import aiohttp
 import aiosqlite
 import asyncpg
 import attrs
@@ -24,11 +26,12 @@ from mayhem.broker import declare_topology
 from mayhem.config import Config
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Iterable
 
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 ROOT = Path(__file__).resolve().parents[2]
 SUPPORT = Path(__file__).resolve().parent
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30)
 
 
 async def declare(connection: aio_pika.abc.AbstractConnection, config: Config) -> None:
@@ -196,6 +199,9 @@ async def metric(addr: str, name: str) -> float:
 class DaemonProcess:
     """``python -m mayhem run`` as a child process, with JSON logs read line by line.
 
+    Tests wait on a line's stable ``event`` name (``mayhem.logs.EVENTS``) and the fields
+    beside it, never on its human text.
+
     Args:
         args: extra command-line arguments.
         env: extra environment variables.
@@ -238,7 +244,7 @@ class DaemonProcess:
         )
         self._reader = asyncio.create_task(self._read())
         if wait_ready:
-            started = await self.wait_for(lambda e: e["event"].startswith("mayhem started"), 30)
+            started = await self.wait_for_event("started", 30)
             self.metrics_addr = started.get("metrics_addr")
 
     async def _read(self) -> None:
@@ -250,7 +256,7 @@ class DaemonProcess:
             try:
                 entry = json.loads(text)
             except ValueError:
-                entry = {"event": text, "level": "raw"}
+                entry = {"message": text, "level": "raw"}
             self.lines.append(entry)
             for match, future in list(self._waiters):
                 if not future.done() and match(entry):
@@ -269,6 +275,12 @@ class DaemonProcess:
             raise EOFError("\n".join(self.raw[-30:]))
         self._waiters.append((match, future))
         return await asyncio.wait_for(future, timeout)
+
+    async def wait_for_event(
+        self, event: str, timeout: float = 30, **fields: Any
+    ) -> dict[str, Any]:
+        """Wait for a log line of ``event`` whose ``fields`` have these values (past ones count)."""
+        return await self.wait_for(lambda e: _is_event(e, event, fields), timeout)
 
     def signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None
@@ -294,40 +306,34 @@ class DaemonProcess:
             with contextlib.suppress(Exception):
                 await self._reader
 
-    def events(self, prefix: str) -> list[dict[str, Any]]:
-        return [e for e in self.lines if str(e.get("event", "")).startswith(prefix)]
+    def events(self, event: str, **fields: Any) -> list[dict[str, Any]]:
+        """The log lines of ``event`` so far whose ``fields`` have these values."""
+        return [e for e in self.lines if _is_event(e, event, fields)]
 
     def tracebacks(self) -> list[str]:
         return [e["exception"] for e in self.lines if "exception" in e]
 
 
+def records_of(records: Iterable[logging.LogRecord], event: str) -> list[logging.LogRecord]:
+    """The log records (``caplog.records``, say) logged with ``extra={"event": event}``."""
+    return [record for record in records if getattr(record, "event", None) == event]
+
+
+def _is_event(entry: dict[str, Any], event: str, fields: dict[str, Any]) -> bool:
+    return entry.get("event") == event and all(entry.get(k) == v for k, v in fields.items())
+
+
 async def http_get(addr: str, path: str) -> tuple[int, str]:
-    """A tiny HTTP GET on loopback, enough for /metrics, /healthz and /readyz."""
-    host, _, port = addr.rpartition(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        await writer.drain()
-        data = await reader.read()
-    finally:
-        writer.close()
-    head, _, body = data.decode().partition("\r\n\r\n")
-    status = int(head.split()[1])
-    if "transfer-encoding: chunked" in head.lower():
-        body = _unchunk(body)
-    return status, body
+    """GET ``path`` from the endpoint at ``addr`` (``host:port``) with aiohttp's client.
 
-
-def _unchunk(body: str) -> str:
-    out = []
-    while body:
-        size_text, _, rest = body.partition("\r\n")
-        size = int(size_text, 16)
-        if size == 0:
-            break
-        out.append(rest[:size])
-        body = rest[size + 2 :]
-    return "".join(out)
+    Raises:
+        aiohttp.ClientError: the endpoint did not answer (refused, reset, closed unanswered).
+    """
+    async with (
+        aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session,
+        session.get(f"http://{addr}{path}") as response,
+    ):
+        return response.status, await response.text()
 
 
 async def wait_until(predicate: Any, timeout: float = 30, interval: float = 0.05) -> None:

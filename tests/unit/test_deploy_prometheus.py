@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mayhem.flush import flush_metrics
 from mayhem.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -173,6 +174,6 @@ def test_exposition_passes_promtool_check_metrics(promtool, tmp_path):
     done = run(promtool, "check", "metrics", stdin=metrics.render())
     assert (done.returncode, done.stdout + done.stderr) == (0, "")
     textfile = tmp_path / "mayhem.prom"
-    metrics.flush(str(textfile), None, "mayhem")
+    flush_metrics(metrics, str(textfile), None, "mayhem")
     done = run(promtool, "check", "metrics", stdin=textfile.read_bytes())
     assert (done.returncode, done.stdout + done.stderr) == (0, "")

@@ -19,8 +19,7 @@ from hypothesis import strategies as st
 from pamqp import commands, frame, header
 
 from mayhem.amqp import Delivery, Link, decode_content_header
-from mayhem.amqp.framing import FRAME_HEAD, MAX_HEADER_DEPTH
-from mayhem.amqp.link import FRAME_MAX, HEADER_SLACK
+from mayhem.amqp.framing import FRAME_HEAD, FRAME_MAX, HEADER_SLACK, MAX_HEADER_DEPTH
 from mayhem.exceptions import LinkLost
 
 # -- building frames -------------------------------------------------------------------------

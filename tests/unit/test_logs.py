@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import json
@@ -9,11 +10,12 @@ import logging
 import re
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from mayhem import logs
-from mayhem.logs import MESSAGE_ID, JSONFormatter, TextFormatter
+from mayhem.logs import EVENTS, MESSAGE_ID, JSONFormatter, TextFormatter
 
 TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -55,7 +57,7 @@ def make_record(**extra: object) -> logging.LogRecord:
 
 
 def test_json_one_object_per_line(setup_logs):
-    """Each record is one line holding a JSON object with time, level, logger and event."""
+    """Each record is one line holding a JSON object with time, level, logger and message."""
     with setup_logs("json") as buffer:
         log = logging.getLogger("mayhem.test_logs")
         log.info("acked %d of %s", 3, "q")
@@ -63,12 +65,13 @@ def test_json_one_object_per_line(setup_logs):
     first, second = json_lines(buffer)
     assert first["level"] == "info"
     assert first["logger"] == "mayhem.test_logs"
-    assert first["event"] == "acked 3 of q"
+    assert first["message"] == "acked 3 of q"
+    assert "event" not in first  # no stable name given
     assert TIME.match(str(first["time"]))
     assert "message_id" not in first
     assert "exception" not in first
     assert second["level"] == "warning"
-    assert second["event"] == "two\nlines"
+    assert second["message"] == "two\nlines"
 
 
 def test_json_message_id_from_context(setup_logs):
@@ -118,7 +121,7 @@ def test_json_exception(setup_logs):
             logging.getLogger("mayhem.test_logs").exception("handler failed")
     [entry] = json_lines(buffer)
     assert entry["level"] == "error"
-    assert entry["event"] == "handler failed"
+    assert entry["message"] == "handler failed"
     assert str(entry["exception"]).startswith("Traceback (most recent call last):")
     assert str(entry["exception"]).endswith("ValueError: boom")
 
@@ -128,14 +131,14 @@ def test_json_keeps_non_ascii(setup_logs):
     with setup_logs("json") as buffer:
         logging.getLogger("mayhem.test_logs").info("host %s", "caf\u00e9")
     assert "caf\u00e9" in buffer.getvalue()
-    assert json_lines(buffer)[0]["event"] == "host caf\u00e9"
+    assert json_lines(buffer)[0]["message"] == "host caf\u00e9"
 
 
 def test_json_formatter_alone():
     """JSONFormatter formats a record that carries message_id and extra fields."""
     line = JSONFormatter().format(make_record(message_id="m-7", attempt=2))
     entry = json.loads(line)
-    assert entry["event"] == "n=3"
+    assert entry["message"] == "n=3"
     assert entry["logger"] == "mayhem.worker"
     assert entry["message_id"] == "m-7"
     assert entry["attempt"] == 2
@@ -143,7 +146,7 @@ def test_json_formatter_alone():
 
 
 def test_text_includes_message_id(setup_logs):
-    """Text lines show level, logger, [message id] and the event."""
+    """Text lines show level, logger, [message id] and the message."""
     with setup_logs("text") as buffer:
         log = logging.getLogger("mayhem.test_logs")
         with message_id("m-42"):
@@ -171,4 +174,50 @@ def test_setup_sets_the_level(setup_logs):
         log = logging.getLogger("mayhem.test_logs")
         log.info("hidden")
         log.warning("shown")
-    assert [entry["event"] for entry in json_lines(buffer)] == ["shown"]
+    assert [entry["message"] for entry in json_lines(buffer)] == ["shown"]
+
+
+def test_json_event_is_the_stable_name_beside_the_message(setup_logs):
+    """extra={"event": ...} is the line's ``event``; the human text stays in ``message``."""
+    with setup_logs("json") as buffer:
+        logging.getLogger("mayhem.test_logs").info(
+            "shutdown complete in %.2f s", 1.5, extra={"event": "shutdown_complete", "acked": 3}
+        )
+    [entry] = json_lines(buffer)
+    assert entry["event"] == "shutdown_complete"
+    assert entry["message"] == "shutdown complete in 1.50 s"
+    assert entry["acked"] == 3
+
+
+def test_text_lines_keep_the_human_text_only(setup_logs):
+    """The text format shows the message, not the event name."""
+    with setup_logs("text") as buffer:
+        logging.getLogger("mayhem.test_logs").info(
+            "database back", extra={"event": "database_back"}
+        )
+    assert buffer.getvalue().rstrip("\n").endswith(" mayhem.test_logs database back")
+
+
+def _events_in_source() -> dict[str, list[str]]:
+    """Every ``extra={"event": "<name>", ...}`` in mayhem/: name -> where."""
+    root = Path(logs.__file__).parent
+    found: dict[str, list[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            for keyword in node.keywords:
+                if keyword.arg != "extra" or not isinstance(keyword.value, ast.Dict):
+                    continue
+                for key, value in zip(keyword.value.keys, keyword.value.values, strict=True):
+                    if isinstance(key, ast.Constant) and key.value == "event":
+                        assert isinstance(value, ast.Constant), f"{path}:{node.lineno}"
+                        where = f"{path.relative_to(root)}:{node.lineno}"
+                        found.setdefault(value.value, []).append(where)
+    return found
+
+
+def test_every_event_is_listed_once_and_used():
+    """The event names in the code are the ones EVENTS lists, all snake_case."""
+    assert sorted(_events_in_source()) == sorted(EVENTS)
+    assert all(re.fullmatch(r"[a-z]+(_[a-z]+)*", name) for name in EVENTS)

@@ -27,7 +27,7 @@ from packaging.utils import canonicalize_name
 from mayhem.cli import EXIT_USAGE
 from mayhem.config import SECRET_SETTINGS, Config
 from mayhem.exceptions import ConfigError
-from mayhem.metrics import MAX_HTTP_CONNECTIONS
+from mayhem.health import MAX_HTTP_CONNECTIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
