@@ -116,8 +116,8 @@ class Transaction(abc.ABC):
     async def claim(self, queue: str, message_id: str) -> bool:
         """Insert the inbox row; ``False`` if the message was already applied."""
 
-    @abc.abstractmethod
-    async def __aenter__(self) -> Self: ...
+    async def __aenter__(self) -> Self:
+        return self
 
     @abc.abstractmethod
     async def __aexit__(

@@ -8,7 +8,7 @@ import os
 import re
 import time
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
 
@@ -307,9 +307,6 @@ class _PostgresTransaction(Transaction):
             lambda conn: conn.execute(CLAIM, queue, message_id, at), opening=opening
         )
         return bool(status == "INSERT 0 1")
-
-    async def __aenter__(self) -> Self:
-        return self
 
     async def __aexit__(
         self,

@@ -22,7 +22,7 @@ import stat
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Self, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import aiosqlite
 
@@ -358,9 +358,6 @@ class SQLiteTransaction(Transaction):
             # report the duplicate only once that commit is done.
             self._conflict = True
         return len(rows) == 1
-
-    async def __aenter__(self) -> Self:
-        return self
 
     async def __aexit__(
         self,
