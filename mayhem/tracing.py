@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from mayhem._version import __version__
 from mayhem.exceptions import ConfigError
+from mayhem.message import attempt_of
 
 if TYPE_CHECKING:
     import aio_pika
@@ -308,6 +309,7 @@ class Tracing:
                 SUBSCRIPTION: queue,
                 DELIVERY_TAG: delivery.delivery_tag,
                 BODY_SIZE: delivery.body_size,
+                ATTEMPT: attempt_of(delivery),
             }
             if delivery.message_id:
                 attributes[MESSAGE_ID] = delivery.message_id
