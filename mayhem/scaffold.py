@@ -26,9 +26,10 @@ from mayhem.exceptions import MayhemError
 CONFIG_FILE: Final = "mayhem.toml"
 
 HANDLER: Final = '''\
-"""{name}'s handler: mayhem runs it once per message, in a transaction with the message's id.
+"""{name}'s handler: mayhem runs it once per message, in one transaction.
 
-Run it with ``mayhem run --config mayhem.toml``; test it with ``python -m pytest tests``.
+Run it with ``mayhem run --config mayhem.toml``.
+Test it with ``python -m pytest tests`` (no broker needed).
 """
 
 from __future__ import annotations
@@ -47,11 +48,14 @@ async def setup(db: mayhem.Transaction) -> None:
 async def handle(message: mayhem.Message, ctx: mayhem.Context) -> None:
     """Store one order, such as ``{{"id": "A-1", "total": 1200}}``.
 
-    Returning commits the handler's writes with the message's id, then acknowledges it: a
-    redelivery of the same id is acknowledged without running this again. Raising rolls back:
-    ``mayhem.Reject`` (and the ``mayhem.DecodeError`` of ``message.json()``) sends the message
-    to the dead-letter queue at once; ``mayhem.Retry`` or any other exception retries it later,
-    up to ``max_attempts``.
+    Returning commits the handler's writes together with the message's id, then
+    acknowledges the message: a redelivery of the same id is acknowledged without
+    running this again. Raising rolls the writes back:
+
+    - ``mayhem.Reject`` (or the ``mayhem.DecodeError`` of ``message.json()``): the
+      message goes to the dead-letter queue at once;
+    - ``mayhem.Retry`` or any other exception: it is retried later, up to
+      ``max_attempts``.
     """
     order = message.json()
     if not isinstance(order, dict) or not isinstance(order.get("id"), str):
@@ -74,8 +78,8 @@ handle.setup = setup  # mayhem runs a handler's setup(db) once at start
 TEST: Final = '''\
 """Tests of {name}'s handler, run in-process by mayhem's test kit: no broker needed.
 
-Run them with ``python -m pytest tests``. Each harness decides a delivery's outcome as the
-daemon would (acked, duplicate, retried, dead_lettered, rejected), with its own database.
+Run them with ``python -m pytest tests``. The harness decides each delivery's outcome
+as the daemon would (acked, duplicate, retried, dead_lettered, rejected).
 """
 
 from __future__ import annotations
@@ -88,12 +92,15 @@ import mayhem.testing
 from {name}.handler import handle
 
 
-def deliver(*messages: tuple[bytes, str]) -> list[mayhem.testing.Outcome]:
-    """Deliver ``(body, message_id)`` pairs in order to one harness; return their outcomes."""
+def deliver(*messages: tuple[bytes, str]):
+    """Deliver (body, message_id) pairs in order to one harness; return the outcomes."""
 
-    async def run() -> list[mayhem.testing.Outcome]:
+    async def run():
         async with mayhem.testing.Harness(handle, db_url="sqlite:///:memory:") as h:
-            return [await h.deliver(body, message_id=message_id) for body, message_id in messages]
+            outcomes = []
+            for body, message_id in messages:
+                outcomes.append(await h.deliver(body, message_id=message_id))
+            return outcomes
 
     return asyncio.run(run())
 
@@ -108,7 +115,8 @@ def test_an_order_is_stored_and_acked() -> None:
 
 
 def test_a_redelivered_order_is_applied_once() -> None:
-    first, again = deliver((order("A-1", 1200), "message-1"), (order("A-1", 1200), "message-1"))
+    same = (order("A-1", 1200), "message-1")
+    first, again = deliver(same, same)
     assert first.status == "acked"
     assert again.status == "duplicate"
 
@@ -184,7 +192,9 @@ def config_file(name: str) -> str:
     Each setting's comment comes from its declaration (mayhem.config), as in ``--help``: what
     it does, the values it takes, its default and its variable. The settings of ``name`` (its
     handler, queue, exchange and database) are set; every other line is commented out and
-    holds the default, so uncommenting one changes nothing until its value is edited.
+    holds the default, so uncommenting one changes nothing until its value is edited. (A
+    computed default is written as the value it comes to here: ``prefetch`` and
+    ``retry_delays`` then no longer follow ``concurrency`` and ``max_attempts``.)
     """
     own = {
         "handler": f"{name}.handler:handle",
