@@ -76,6 +76,7 @@ ATTEMPT: Final = "mayhem.attempt"
 # W3C allows a tracestate of 512 characters and more; a header far longer is not a trace
 # context but a publisher's mistake (or worse), and is not handed to the propagator.
 MAX_HEADER_CHARS: Final = 8192
+MAX_STATUS_CHARS: Final = 512
 
 _UNDECIDED: Final = object()
 _decided: object = _UNDECIDED
@@ -207,6 +208,12 @@ def provider_from_env(exporters: str) -> SdkTracerProvider:
     return provider
 
 
+def _describe(error: BaseException) -> str:
+    # The text of a handler's exception may quote a whole message body: keep a span small.
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= MAX_STATUS_CHARS else text[: MAX_STATUS_CHARS - 3] + "..."
+
+
 class Tracing:
     """Spans for the daemon and the publisher, on one tracer.
 
@@ -332,7 +339,7 @@ class Tracing:
             span = trace.get_current_span()
             span.set_attribute(OUTCOME, outcome.value)
             if error is not None:
-                span.set_status(trace.StatusCode.ERROR, f"{type(error).__name__}: {error}")
+                span.set_status(trace.StatusCode.ERROR, _describe(error))
                 span.set_attribute(ERROR_TYPE, type(error).__qualname__)
             ended = handler_end.get()
             if ended is not None:
@@ -341,7 +348,7 @@ class Tracing:
                 committed = outcome.value == "applied"
                 commit.set_attribute("mayhem.committed", committed)
                 if not committed and error is not None:
-                    commit.set_status(trace.StatusCode.ERROR, f"{type(error).__name__}: {error}")
+                    commit.set_status(trace.StatusCode.ERROR, _describe(error))
                 commit.end()
             return outcome, error
 
