@@ -144,7 +144,7 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 def test_off_imports_no_opentelemetry():
     """mayhem, its workers, publisher and CLI, with tracing decided off: no opentelemetry module.
 
-    (That a whole message run imports none either is in tests/e2e/test_tracing.py.)
+    (That a whole message run imports none either is in tests/e2e/test_tracing_processes.py.)
     """
     done = _python(
         "import sys, mayhem, mayhem.cli, mayhem.worker, mayhem.publisher, mayhem.daemon\n"
