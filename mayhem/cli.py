@@ -16,9 +16,10 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar
 
-from mayhem import logs
+from mayhem import logs, tracing
 from mayhem._version import __version__
 from mayhem.config import SECRET_SETTINGS, SETTINGS, Config, show
 from mayhem.exceptions import ConfigError, StartupError
@@ -114,7 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--count", default="10", help="demo messages to publish (default 10)")
     publish.add_argument("--rate", default=None, help="messages per second (default: no limit)")
     publish.add_argument(
-        "--file", default=None, help="publish one message per line of a JSONL file"
+        "--file",
+        default=None,
+        help="publish one message per line of a JSON-lines file ('-': standard input); "
+        "every line is checked first, and a bad one publishes nothing",
+    )
+    publish.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress bar with the rate on stderr (default: when stderr is a terminal)",
     )
 
     dead = commands.add_parser("dead", help="inspect, replay or drop dead-lettered messages")
@@ -136,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config", help="validate and print the configuration", formatter_class=raw
     )
     _add_settings(check, "check-config")
+
+    init = commands.add_parser(
+        "init",
+        help="write a handler, its test and a configuration file to start from",
+        description="Write NAME/handler.py, tests/test_handler.py and mayhem.toml (every "
+        "setting, commented); nothing is overwritten.",
+    )
+    init.add_argument("name", help="the handler's package, such as myapp")
+    init.add_argument("--directory", default=".", help="where to write (default: here)")
     return parser
 
 
@@ -154,11 +173,13 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
     return asyncio.new_event_loop
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 -- a return per command
     """Run the command line; return the exit code."""
     if argv is None:
         _mask_process_title()
     args = build_parser().parse_args(argv)
+    if args.command == "init":
+        return _init(args)
     secrets: set[str] = set()
     try:
         config = Config.load(file=args.config, flags=_flags(args))
@@ -219,6 +240,8 @@ def _run(config: Config, args: argparse.Namespace) -> int:
     from mayhem.daemon import Daemon, run_daemon  # noqa: PLC0415 -- keeps --help fast
 
     daemon = Daemon(config, config_file=args.config, flags=_flags(args))
+    # Decided once the handler is imported: its module may set the tracer provider.
+    tracing.active()
     try:
         code = run_daemon(daemon, loop_factory(config.loop))
     except (ConfigError, StartupError):
@@ -226,6 +249,8 @@ def _run(config: Config, args: argparse.Namespace) -> int:
     except Exception:
         log.exception("fatal error")
         code = EXIT_FATAL
+    finally:
+        tracing.flush()
     _exit_despite_stuck_threads(code)
     return code
 
@@ -256,14 +281,42 @@ def _exit_despite_stuck_threads(code: int) -> None:
 
 
 def _publish(config: Config, args: argparse.Namespace) -> int:
-    from mayhem.publisher import publish  # noqa: PLC0415 -- keeps --help fast
+    from mayhem.publisher import InputError, publish  # noqa: PLC0415 -- keeps --help fast
 
     count = _number(args.count, "--count", int, 0)
     rate = _number(args.rate, "--rate", float, 0.001) if args.rate is not None else None
-    with asyncio.Runner(loop_factory=loop_factory(config.loop)) as runner:
-        report = runner.run(publish(config, count=count, rate=rate, file=args.file))
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    tracing.active()
+    try:
+        with asyncio.Runner(loop_factory=loop_factory(config.loop)) as runner:
+            report = runner.run(
+                publish(config, count=count, rate=rate, file=args.file, progress=progress)
+            )
+    except InputError as exc:
+        print(f"mayhem: publish: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_USAGE
+    finally:
+        tracing.flush()
     print(report.summary())  # noqa: T201
     return EXIT_OK if report.failed == 0 else EXIT_FATAL
+
+
+def _init(args: argparse.Namespace) -> int:
+    from mayhem import scaffold  # noqa: PLC0415 -- keeps --help fast
+
+    try:
+        written = scaffold.init(args.name, Path(args.directory))
+    except scaffold.ScaffoldError as exc:
+        print(f"mayhem: init: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_USAGE
+    for path in written:
+        print(f"wrote {path}")  # noqa: T201
+    where = "" if Path(args.directory) == Path() else f"cd {args.directory} && "
+    print(  # noqa: T201
+        f"next: {where}python -m pytest tests (no broker needed), "
+        f"then mayhem run --config {scaffold.CONFIG_FILE}"
+    )
+    return EXIT_OK
 
 
 def _dead(config: Config, args: argparse.Namespace) -> int:

@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
+import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import IO, TYPE_CHECKING, BinaryIO, Final
 
 import aio_pika
 import attrs
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError, PublishError
 
+from mayhem import tracing
 from mayhem.broker import connect, declare_topology
-from mayhem.exceptions import ConfigError
+from mayhem.exceptions import DecodeError, MayhemError
+from mayhem.message import Message
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Callable, Iterable, Iterator
 
     from aio_pika.abc import AbstractExchange
 
@@ -56,26 +61,68 @@ def demo_body(n: int) -> bytes:
     return json.dumps({"host": host, "n": n, "reason": "chaos drill"}).encode()
 
 
-def read_jsonl(path: str) -> list[bytes]:
-    """Read one JSON document per line, skipping blank lines.
+class InputError(MayhemError):
+    """A message file cannot be read, or one of its lines is not a JSON document."""
+
+
+def check_jsonl(path: str, stdin: BinaryIO | None = None) -> tuple[int, Iterator[bytes]]:
+    """Check every line of a JSON-lines file first; then hand out its messages.
+
+    One JSON document a line is one message; blank lines are skipped. A line must be what the
+    daemon's :meth:`~mayhem.message.Message.json` accepts (UTF-8, no ``NaN``, not nested too
+    deeply...). Every line is checked before the first is published, so a bad line publishes
+    nothing: the run can be fixed and repeated without duplicates. The file is read twice,
+    never held in memory; standard input (``-``) is spooled to a temporary file on the way.
+
+    Args:
+        path: the file, or ``-`` for standard input.
+        stdin: standard input's binary stream (``sys.stdin.buffer`` when ``None``).
+
+    Returns:
+        The number of messages, and an iterator over their bodies.
 
     Raises:
-        ConfigError: the file cannot be read or a line is not JSON.
+        InputError: the file cannot be read, or a line is bad (its number is in the message).
     """
+    name = "<stdin>" if path == "-" else path
     try:
-        lines = Path(path).read_bytes().splitlines()
+        if path == "-":
+            spool = tempfile.TemporaryFile()  # noqa: SIM115 -- _bodies closes it
+            try:
+                count = _check(stdin if stdin is not None else sys.stdin.buffer, name, spool)
+            except BaseException:
+                spool.close()
+                raise
+            spool.seek(0)
+            return count, _bodies(spool, count)
+        with Path(path).open("rb") as source:
+            count = _check(source, name)
+        return count, _bodies(Path(path).open("rb"), count)
     except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    bodies = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
+        raise InputError(f"cannot read {name}: {exc.strerror or exc}") from None
+
+
+def _check(source: IO[bytes], name: str, copy: IO[bytes] | None = None) -> int:
+    count = 0
+    for number, line in enumerate(source, start=1):
+        if copy is not None:
+            copy.write(line)
+        body = line.strip()
+        if not body:
             continue
         try:
-            json.loads(line)
-        except (ValueError, RecursionError):
-            raise ConfigError(f"{path}:{number}: not a JSON document") from None
-        bodies.append(line.strip())
-    return bodies
+            Message(message_id="-", body=body, content_type="application/json").json()
+        except DecodeError as exc:
+            raise InputError(f"{name}:{number}: {exc}; nothing was published") from None
+        count += 1
+    return count
+
+
+def _bodies(source: IO[bytes], count: int) -> Iterator[bytes]:
+    # At most the lines checked: a file that grew since is not published past them.
+    with source:
+        bodies = (body for body in (line.strip() for line in source) if body)
+        yield from itertools.islice(bodies, count)
 
 
 def make_message(body: bytes) -> aio_pika.Message:
@@ -95,8 +142,11 @@ async def publish_bodies(
     *,
     rate: float | None = None,
     report: PublishReport | None = None,
+    on_settled: Callable[[], object] | None = None,
 ) -> PublishReport:
     """Publish each body with confirms, at most ``rate`` per second.
+
+    With tracing on, each publish is a PRODUCER span whose context goes in the headers.
 
     Args:
         exchange: an exchange on a channel with publisher confirms.
@@ -104,15 +154,18 @@ async def publish_bodies(
         bodies: the message bodies.
         rate: messages per second, or ``None`` for as fast as confirms allow.
         report: counts to update as it goes (for a caller that may cancel this).
+        on_settled: called as each publish is confirmed or fails (a progress bar).
     """
     report = report if report is not None else PublishReport()
     window = asyncio.Semaphore(CONFIRM_WINDOW)
     pending: set[asyncio.Task[None]] = set()
     started = time.monotonic()
+    tracing.active()  # decided before the first message, once
 
     async def send(message: aio_pika.Message) -> None:
         try:
-            await exchange.publish(message, routing_key=routing_key, mandatory=True)
+            with tracing.publishing(message, exchange.name, routing_key):
+                await exchange.publish(message, routing_key=routing_key, mandatory=True)
         except (DeliveryError, PublishError, *CONNECTION_EXCEPTIONS, TimeoutError) as exc:
             report.failed += 1
             log.warning("publish of %s not confirmed: %s", message.message_id, exc)
@@ -120,6 +173,8 @@ async def publish_bodies(
             report.confirmed += 1
         finally:
             window.release()
+            if on_settled is not None:
+                on_settled()
 
     try:
         for n, body in enumerate(bodies):
@@ -143,19 +198,57 @@ async def publish_bodies(
 
 
 async def publish(
-    config: Config, *, count: int, rate: float | None, file: str | None
+    config: Config,
+    *,
+    count: int,
+    rate: float | None,
+    file: str | None,
+    progress: bool = False,
+    stdin: BinaryIO | None = None,
 ) -> PublishReport:
-    """``mayhem publish``: demo messages, or one per line of a JSONL file, with confirms."""
-    bodies: Iterable[bytes] = read_jsonl(file) if file else (demo_body(n) for n in range(count))
+    """``mayhem publish``: demo messages, or one per line of a JSON-lines file, with confirms.
+
+    Args:
+        config: the broker, exchange and queue.
+        count: how many demo messages (when there is no ``file``).
+        rate: messages per second, or ``None`` for no limit.
+        file: a JSON-lines file, ``-`` for standard input; every line is checked before the
+            first message is published.
+        progress: show a progress bar with the rate on stderr.
+        stdin: standard input's binary stream, for ``file="-"`` (``sys.stdin.buffer``).
+
+    Raises:
+        InputError: the file cannot be read or a line is not JSON; nothing was published.
+    """
+    bodies: Iterable[bytes]
+    if file:
+        count, bodies = check_jsonl(file, stdin)
+    else:
+        bodies = (demo_body(n) for n in range(count))
     connection = await connect(config, role="publisher")
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         if config.declare:
             await declare_topology(channel, config)
         exchange = await channel.get_exchange(config.exchange, ensure=False)
-        return await publish_bodies(exchange, config.queue, bodies, rate=rate)
+        with _progress_bar(count, enabled=progress) as update:
+            return await publish_bodies(
+                exchange, config.queue, bodies, rate=rate, on_settled=update
+            )
     finally:
         await connection.close()
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, *, enabled: bool) -> Iterator[Callable[[], object] | None]:
+    """A progress bar on stderr (tqdm: count, rate, time left), one step per confirm."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm  # noqa: PLC0415 -- only when a bar is shown
+
+    with tqdm(total=total, unit="msg", file=sys.stderr, dynamic_ncols=True) as bar:
+        yield bar.update
 
 
 def demo_stream() -> Iterator[bytes]:

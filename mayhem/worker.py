@@ -21,6 +21,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from mayhem import tracing
 from mayhem.exceptions import HandlerTimeout, Reject, StoreUnavailable
 from mayhem.headers import describe
 from mayhem.logs import MESSAGE_ID
@@ -99,6 +100,7 @@ class Workers:
         self.acked = 0
         self.cancelled = 0
         metrics.in_flight.set_function(lambda: self.in_flight)
+        tracing.instrument(self)  # spans per message when tracing is on; off, nothing at all
 
     async def run(self) -> None:
         """One worker: take deliveries until told to exit (``None``) or cancelled."""

@@ -221,14 +221,15 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
                     todo.append((f"{prefix} {name}".strip(), sub))
         if prefix:
             found[prefix] = parser
-    return {name: parser for name, parser in found.items() if name != "dead"}
+    # `init` takes no settings: it writes files (tests/unit/test_scaffold.py).
+    return {name: parser for name, parser in found.items() if name not in {"dead", "init"}}
 
 
 # Each command's own flags, which are not settings.
 OWN_FLAGS = {
     "run": set(),
     "check-config": set(),
-    "publish": {"--count", "--rate", "--file"},
+    "publish": {"--count", "--rate", "--file", "--progress", "--no-progress"},
     "dead list": {"--limit"},
     "dead replay": {"--id", "--all"},
     "dead purge": {"--id", "--all"},
