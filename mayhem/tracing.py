@@ -44,7 +44,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 from mayhem._version import __version__
 from mayhem.exceptions import ConfigError
-from mayhem.message import attempt_of
 
 if TYPE_CHECKING:
     import aio_pika
@@ -316,7 +315,6 @@ class Tracing:
                 SUBSCRIPTION: queue,
                 DELIVERY_TAG: delivery.delivery_tag,
                 BODY_SIZE: delivery.body_size,
-                ATTEMPT: attempt_of(delivery),
             }
             if delivery.message_id:
                 attributes[MESSAGE_ID] = delivery.message_id
@@ -334,9 +332,12 @@ class Tracing:
             finally:
                 handler_end.reset(token)
 
-        async def traced_apply(delivery: Delivery) -> tuple[Outcome, BaseException | None]:
-            outcome, error = await apply(delivery)
+        async def traced_apply(
+            delivery: Delivery, attempt: int
+        ) -> tuple[Outcome, BaseException | None]:
+            outcome, error = await apply(delivery, attempt)
             span = trace.get_current_span()
+            span.set_attribute(ATTEMPT, attempt)
             span.set_attribute(OUTCOME, outcome.value)
             if error is not None:
                 span.set_status(trace.StatusCode.ERROR, _describe(error))
