@@ -1,7 +1,7 @@
 """The buffer: the hand-off from the consumer to the workers.
 
 The consumer puts each delivery in (:meth:`Buffer.put`); each worker takes the next one
-(:meth:`Buffer.get`), or ``None``, an exit sentinel (:meth:`Buffer.stop_workers`: fewer
+(:attr:`Buffer.get`), or ``None``, an exit sentinel (:meth:`Buffer.stop_workers`: fewer
 workers after a reload, or all of them at shutdown, each after the message it holds). The
 broker sends at most the prefetch window unacknowledged, so the buffer holds that many
 deliveries plus room for one sentinel per worker.
@@ -9,15 +9,18 @@ deliveries plus room for one sentinel per worker.
 What is buffered belongs to the broker until a worker settles it: :meth:`Buffer.requeue`
 hands it all back (when consuming stops: shutdown, a database outage), and a delivery of a
 closed connection is dropped, never run (the broker has requeued it already): at once when
-the connection is lost (:meth:`Buffer.drop_stale`), or when a worker takes it.
+the connection is lost (:meth:`Buffer.drop_stale`), or when a worker takes it
+(:meth:`Buffer.drop`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine
+
     from mayhem.amqp import Delivery
     from mayhem.metrics import Metrics
     from mayhem.settle import Settle
@@ -37,6 +40,10 @@ class Buffer:
         self._settle = settle
         self._stale = metrics.stale_deliveries
         metrics.buffered.set_function(self.__len__)
+        #: The next delivery for a worker, or ``None``: the worker taking it exits. A
+        #: delivery whose connection is gone since is the worker's to :meth:`drop`. Bound
+        #: once, so that taking a message costs no coroutine of ours.
+        self.get: Callable[[], Coroutine[Any, Any, Delivery | None]] = self._queue.get
 
     def __len__(self) -> int:
         """Deliveries waiting: not the exit sentinels."""
@@ -49,14 +56,9 @@ class Buffer:
         except asyncio.QueueFull:
             self._settle.requeue(delivery)
 
-    async def get(self) -> Delivery | None:
-        """The next delivery to run, or ``None``: the worker taking it exits."""
-        queue = self._queue
-        while True:
-            delivery = await queue.get()
-            if delivery is None or not delivery.stale:
-                return delivery
-            self._stale.inc()
+    def drop(self, delivery: Delivery) -> None:  # noqa: ARG002 -- says which one
+        """A worker took a delivery of a closed connection: dropped unrun, counted as stale."""
+        self._stale.inc()
 
     def stop_workers(self, count: int) -> None:
         """Tell ``count`` workers to exit, each once it takes the sentinel (after what it holds)."""

@@ -182,6 +182,8 @@ class Policy:
 
     def verdict(self, outcome: Outcome) -> Verdict:
         """Ack, retry at a tier, dead-letter with a reason, reject unread, or requeue."""
+        if outcome is APPLIED:  # the hot path first
+            return ACK
         if outcome.kind is not Kind.FAILED:
             return _VERDICTS[outcome.kind]
         if outcome.attempt >= self.max_attempts:

@@ -104,15 +104,10 @@ class Applier:
             return UNREAD
         self.in_flight += 1
         started = time.perf_counter()
-        try:
-            return await self._apply(delivery, self._attempts.of(delivery))
-        finally:
-            self.in_flight -= 1
-            self._duration.observe(time.perf_counter() - started)
-
-    async def _apply(self, delivery: Delivery, attempt: int) -> Outcome:
         config = self._config
         try:
+            # One coroutine for the whole decision: the hot path awaits no more than this.
+            attempt = self._attempts.of(delivery)
             message = build_message(
                 delivery,
                 config.max_message_bytes,
@@ -127,6 +122,9 @@ class Applier:
         except Exception as exc:
             log.warning("handler failed: %s", describe(exc), exc_info=log.isEnabledFor(10))
             return Outcome.failed(exc, attempt)
+        finally:
+            self.in_flight -= 1
+            self._duration.observe(time.perf_counter() - started)
         return APPLIED if applied else DUPLICATE
 
     async def _apply_by_deadline(self, message: Message) -> bool:
@@ -236,10 +234,14 @@ class Workers:
     async def run(self) -> None:
         """One worker: take deliveries until told to exit (``None``) or cancelled."""
         buffer, settle = self._buffer, self._settle
+        get = buffer.get
         while True:
-            delivery = await buffer.get()
+            delivery = await get()
             if delivery is None:
                 return
+            if delivery.stale:
+                buffer.drop(delivery)
+                continue
             try:
                 await self._process(delivery)
             except asyncio.CancelledError:
