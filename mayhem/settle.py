@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Final
 
 from mayhem.copies import Copies, Sent, Unfit
 from mayhem.headers import describe
-from mayhem.policy import FAILED, REJECTED, Action, Attempts, Kind, Policy
+from mayhem.policy import FAILED, REJECTED, Action, Attempts, Policy
 from mayhem.topology import dead_queue
 
 if TYPE_CHECKING:
@@ -127,10 +127,8 @@ class Settle:
             await self.dead_letter(delivery, error, outcome.attempt, verdict.reason)
         elif action is Action.REJECT_UNREAD:
             self.reject_unread(delivery)
-        elif outcome.kind is Kind.OUTAGE:
+        else:  # Action.REQUEUE: the database is down
             self.requeue_for_outage(delivery, outcome.error)
-        else:
-            self.requeue(delivery)
 
     def ack(self, delivery: Delivery) -> None:
         """Applied: acknowledge (batched at the end of this turn of the loop)."""
