@@ -1,8 +1,9 @@
 """The daemon: ``run()`` is ``startup()``, ``serve()``, ``shutdown()``, and reads like the runbook.
 
 **Startup** follows the data flow: the metrics endpoint, the store, the broker's publishing
-connection (with the topology), the consuming connection, the workers, the subscription, the
-jobs beside them, then ``READY=1``.
+connection (with the topology), then a delivery's floors from the bottom up (the settle
+stage, the buffer, the consuming connection, the workers; the walk is in
+:mod:`mayhem.worker`), the subscription, the jobs beside them, then ``READY=1``.
 
 **Shutdown** is one ordered table, :data:`SHUTDOWN`, the seven steps of DESIGN.md "Signals and
 shutdown". The same steps run after a stop signal and after a start-up that failed half way:

@@ -15,8 +15,9 @@ Two values carry a delivery's fate down the floors:
 then the ack). What the broker can refuse changes the verdict there, never here: a copy that
 does not fit a frame, a publish that is refused or not confirmed (see that module).
 
-The common outcomes and verdicts are module constants: the hot path allocates nothing; only a
-failure makes an :class:`Outcome` of its own.
+The common outcomes and verdicts are module constants, so the hot path allocates nothing:
+only a failure, a rejection or an outage makes an :class:`Outcome` of its own, and only a
+retry a :class:`Verdict` (for its tier).
 
 **The handler never runs more than ``max_attempts`` times.** A delivery runs as attempt
 *trusted x-mayhem-attempt* (:func:`mayhem.headers.trusted_attempt`) plus the runs of that
