@@ -29,7 +29,7 @@ from mayhem_testing import DaemonProcess, http_get, wait_until  # noqa: E402
 
 from mayhem.broker import declare_topology  # noqa: E402
 from mayhem.config import Config  # noqa: E402
-from mayhem.retry import retry_queue, retry_tiers  # noqa: E402
+from mayhem.topology import dead_letter_exchange, retry_queue, retry_tiers  # noqa: E402
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -91,7 +91,7 @@ async def delete_topology(connection: aio_pika.abc.AbstractConnection, config: C
             channel = await connection.channel()
             await channel.queue_delete(name, if_unused=False, if_empty=False)
             await channel.close()
-    for name in (config.exchange, f"{config.exchange}.dlx"):
+    for name in (config.exchange, dead_letter_exchange(config.exchange)):
         with contextlib.suppress(Exception):
             channel = await connection.channel()
             await channel.exchange_delete(name)

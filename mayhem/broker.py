@@ -2,7 +2,8 @@
 
 aio-pika's robust connection does the reconnecting; this module watches it for logs and
 readiness, and declares the exchange, the work queue, the delay queues and the dead-letter
-queue. Consuming has a connection of its own (:mod:`mayhem.consumer`, :mod:`mayhem.amqp`).
+queue, named and set up as :mod:`mayhem.topology` says. Consuming has a connection of its
+own (:mod:`mayhem.consumer`, :mod:`mayhem.amqp`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from mayhem.amqp.link import describe_failure
 from mayhem.amqp.url import Endpoint
 from mayhem.exceptions import ConfigError, StartupError
 from mayhem.redact import mask_url
-from mayhem.retry import retry_queue, retry_tiers
+from mayhem.topology import (
+    dead_letter_exchange,
+    dead_queue,
+    dead_queue_arguments,
+    queue_arguments,
+    retry_queue,
+    retry_queue_arguments,
+    retry_tiers,
+)
 
 if TYPE_CHECKING:
     from mayhem.config import Config
@@ -37,34 +46,6 @@ def connection_name(queue: str, role: str = "consumer") -> str:
     """The client-provided name operators and tests find mayhem's connections by."""
     host, pid = socket.gethostname(), os.getpid()
     return f"{CONNECTION_NAME_PREFIX} {role} host={host} pid={pid} queue={queue}"
-
-
-def queue_arguments(config: Config) -> dict[str, Any]:
-    """The work queue's arguments: its type and where the broker dead-letters to."""
-    arguments: dict[str, Any] = {
-        "x-queue-type": config.queue_type,
-        "x-dead-letter-exchange": f"{config.exchange}.dlx",
-        "x-dead-letter-routing-key": config.dead_queue,
-    }
-    if config.queue_type == "quorum":
-        # Broker-side dead-lettering (e.g. an operator's delivery limit) without loss.
-        arguments["x-dead-letter-strategy"] = "at-least-once"
-        arguments["x-overflow"] = "reject-publish"
-    return arguments
-
-
-def retry_queue_arguments(config: Config, delay: float) -> dict[str, Any]:
-    """A delay queue's arguments: its TTL, and back to the work queue when it expires."""
-    arguments: dict[str, Any] = {
-        "x-queue-type": config.queue_type,
-        "x-message-ttl": round(delay * 1000),
-        "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": config.queue,
-    }
-    if config.queue_type == "quorum":
-        arguments["x-dead-letter-strategy"] = "at-least-once"
-        arguments["x-overflow"] = "reject-publish"
-    return arguments
 
 
 async def connect(config: Config, role: str = "consumer") -> AbstractRobustConnection:
@@ -108,12 +89,13 @@ async def declare_topology(channel: aio_pika.abc.AbstractChannel, config: Config
             config.exchange, aio_pika.ExchangeType.DIRECT, durable=True
         )
         dlx = await channel.declare_exchange(
-            f"{config.exchange}.dlx", aio_pika.ExchangeType.DIRECT, durable=True
+            dead_letter_exchange(config.exchange), aio_pika.ExchangeType.DIRECT, durable=True
         )
+        dead_name = dead_queue(config.queue)
         dead = await channel.declare_queue(
-            config.dead_queue, durable=True, arguments={"x-queue-type": config.queue_type}
+            dead_name, durable=True, arguments=dead_queue_arguments(config)
         )
-        await dead.bind(dlx, routing_key=config.dead_queue)
+        await dead.bind(dlx, routing_key=dead_name)
         work = await channel.declare_queue(
             config.queue, durable=True, arguments=queue_arguments(config)
         )

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from mayhem import topology
 from mayhem.amqp.url import Endpoint, UrlError
 from mayhem.exceptions import ConfigError
 from mayhem.redact import mask_url
@@ -333,7 +334,7 @@ class Config:
     @property
     def dead_queue(self) -> str:
         """The dead-letter queue's name."""
-        return f"{self.queue}.dead"
+        return topology.dead_queue(self.queue)
 
     def masked(self) -> dict[str, Any]:
         """The configuration as a dict, secrets masked: for display and logs."""

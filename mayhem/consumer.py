@@ -1,12 +1,17 @@
-"""The consumer: deliveries from the work queue into a bounded buffer, over its own connection.
+"""The consumer: deliveries from the work queue into the buffer, over its own connection.
+
+The first floor of a delivery's walk (the whole walk: :mod:`mayhem.worker`): each delivery's
+tag is noted by the settle stage (a batched ack must know every tag), then the delivery goes
+to the :class:`~mayhem.buffer.Buffer`, or straight back to the queue if it arrived after
+``basic.cancel``.
 
 The consuming connection is a :class:`~mayhem.amqp.Link`; when it is lost, the deliveries
 still buffered are dropped (the broker requeues them) and :meth:`Consumer.keep_connected`
 opens a new one, subscribing again if the consumer is meant to be consuming.
 
 Stopping (at shutdown, or while the database is down) is ``cancel()`` — ``basic.cancel`` —
-first and then ``requeue_buffered()``, because the broker does not take back what it already
-sent.
+first and then :meth:`Buffer.requeue <mayhem.buffer.Buffer.requeue>`, because the broker does
+not take back what it already sent.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from mayhem.amqp import Delivery
+    from mayhem.buffer import Buffer
     from mayhem.config import Config
     from mayhem.metrics import Metrics
-    from mayhem.settler import Settler
+    from mayhem.settle import Settle
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +109,9 @@ class Consumer:
 
     Args:
         config: the broker URL, the queue and the prefetch window.
-        buffer: where deliveries wait for a worker; bounded by the prefetch window.
-        settler: notes every delivery, and settles what goes straight back.
-        metrics: where reconnects and stale deliveries are counted.
+        buffer: where deliveries wait for a worker.
+        settle: notes every delivery, requeues what goes straight back, sends the last acks.
+        metrics: where reconnects are counted.
         backoff: the delays between reconnect attempts.
 
     Raises:
@@ -115,8 +121,8 @@ class Consumer:
     def __init__(
         self,
         config: Config,
-        buffer: asyncio.Queue[Delivery | None],
-        settler: Settler,
+        buffer: Buffer,
+        settle: Settle,
         metrics: Metrics,
         *,
         backoff: Backoff | None = None,
@@ -128,7 +134,7 @@ class Consumer:
             raise ConfigError(f"amqp_url: {exc}") from None
         self.backoff = backoff or Backoff()
         self._buffer = buffer
-        self._settler = settler
+        self._settle = settle
         self._metrics = metrics
         self._link: Link | None = None
         self._lost = asyncio.Event()
@@ -227,26 +233,20 @@ class Consumer:
 
     def _on_delivery(self, delivery: Delivery) -> None:
         # Noted first, even if it goes straight back: a multiple ack must know every tag.
-        self._settler.delivered(delivery)
+        self._settle.delivered(delivery)
         if not self._wanted or delivery.link is not self._link:
             # Sent before our basic.cancel reached the broker: hand it straight back.
-            self._settler.requeue(delivery)
+            self._settle.requeue(delivery)
             return
         self.delivered += 1
-        try:
-            # Never full: the broker sends at most prefetch unacked deliveries.
-            self._buffer.put_nowait(delivery)
-        except asyncio.QueueFull:
-            self._settler.requeue(delivery)
+        self._buffer.put(delivery)
 
     def _on_lost(self, link: Link, exc: BaseException | None) -> None:
         if link is not self._link or self._closing:
             return
         self.backoff.down()
         self.queue_missing = isinstance(exc, QueueMissing)
-        dropped = self.drop_stale()
-        if dropped:
-            self._metrics.stale_deliveries.inc(dropped)
+        dropped = self._buffer.drop_stale()
         log.warning(
             "broker connection lost (consuming): %s ◆ %d buffered deliveries dropped (the "
             "broker requeues them) ◆ reconnecting in %.1f s",
@@ -302,40 +302,11 @@ class Consumer:
             if self._closing:
                 return
 
-    async def requeue_buffered(self) -> int:
-        """Requeue every delivery waiting in the buffer; return how many went back."""
-        requeued = 0
-        while True:
-            try:
-                delivery = self._buffer.get_nowait()
-            except asyncio.QueueEmpty:
-                return requeued
-            if delivery is not None and self._settler.requeue(delivery):
-                requeued += 1
-
-    def drop_stale(self) -> int:
-        """Remove deliveries of a closed connection from the buffer.
-
-        The broker requeued them when the connection closed; running their handlers now would
-        only find them again later as duplicates.
-        """
-        keep: list[Delivery | None] = []
-        dropped = 0
-        while not self._buffer.empty():
-            delivery = self._buffer.get_nowait()
-            if delivery is not None and delivery.stale:
-                dropped += 1
-            else:
-                keep.append(delivery)
-        for delivery in keep:
-            self._buffer.put_nowait(delivery)
-        return dropped
-
     async def close(self) -> None:
         """Send the last acks and close the connection; the broker requeues anything unacked."""
         self._closing = True
         link, self._link = self._link, None
         if link is None:
             return
-        self._settler.flush()
+        self._settle.flush()
         await link.close()

@@ -1,8 +1,9 @@
 """The daemon: ``run()`` is ``startup()``, ``serve()``, ``shutdown()``, and reads like the runbook.
 
 **Startup** follows the data flow: the metrics endpoint, the store, the broker's publishing
-connection (with the topology), the consuming connection, the workers, the subscription, the
-jobs beside them, then ``READY=1``.
+connection (with the topology), then a delivery's floors from the bottom up (the settle
+stage, the buffer, the consuming connection, the workers; the walk is in
+:mod:`mayhem.worker`), the subscription, the jobs beside them, then ``READY=1``.
 
 **Shutdown** is one ordered table, :data:`SHUTDOWN`, the seven steps of DESIGN.md "Signals and
 shutdown". The same steps run after a stop signal and after a start-up that failed half way:
@@ -47,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from mayhem import periodic
 from mayhem.broker import Broker
+from mayhem.buffer import Buffer
 from mayhem.config import Config
 from mayhem.consumer import Consumer
 from mayhem.exceptions import ConfigError, MayhemError
@@ -54,22 +56,21 @@ from mayhem.flush import flush_metrics
 from mayhem.handlers import DemoHandler, handler_setup, load_handler
 from mayhem.health import HealthServer
 from mayhem.metrics import Metrics
-from mayhem.nulls import NoHealth, NullConsumer, NullWorkers
+from mayhem.nulls import NoHealth, NullBuffer, NullConsumer, NullWorkers
 from mayhem.outage import Outage
+from mayhem.policy import Attempts
 from mayhem.redact import mask_url
 from mayhem.reload import Reloader
-from mayhem.retry import Failures
+from mayhem.settle import Settle
 from mayhem.settler import Settler
 from mayhem.signals import FORCED_STEP_TIMEOUT, STEP_TIMEOUT, Deadlines, Signals
 from mayhem.steps import Details, Step, cancel_all, run_steps
 from mayhem.store import open_store
 from mayhem.systemd import Notifier
-from mayhem.worker import Workers
+from mayhem.worker import Applier, Workers
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Coroutine, Mapping
-
-    from mayhem.amqp import Delivery
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +121,8 @@ class Daemon:
         self.store = open_store(config.db_url, pool_size=config.concurrency + 2)
         self.outage = Outage(self.store, self.metrics)
         self.broker = Broker(config)
-        # Room for the prefetch window plus one exit sentinel per worker.
-        self.buffer: asyncio.Queue[Delivery | None] = asyncio.Queue(
-            maxsize=config.effective_prefetch + config.concurrency
-        )
-        # These two need the running loop: startup() makes them.
+        # These need the running loop and the broker: startup() makes them.
+        self.buffer: Buffer | NullBuffer = NullBuffer()
         self.consumer: Consumer | NullConsumer = NullConsumer()
         self.workers: Workers | NullWorkers = NullWorkers()
         self._tg: asyncio.TaskGroup | None = None
@@ -187,27 +185,36 @@ class Daemon:
         await self.broker.start()
         if self.broker.publish_channel is None:
             raise AssertionError
-        # The consuming connection, then workers, then the subscription that feeds them.
-        settler = Settler(self.metrics)
-        self.consumer = consumer = Consumer(config, self.buffer, settler, self.metrics)
+        # The floors of a delivery's walk, bottom up: settle, buffer, consuming connection,
+        # workers; then the subscription that feeds them.
+        attempts = Attempts(config)
+        settle = Settle(
+            config,
+            Settler(self.metrics),
+            self.broker.publish_channel,
+            self.metrics,
+            attempts=attempts,
+            on_outage=self.outage.report,
+        )
+        # Room for the prefetch window plus one exit sentinel per worker.
+        capacity = config.effective_prefetch + config.concurrency
+        self.buffer = buffer = Buffer(capacity, settle, self.metrics)
+        self.consumer = consumer = Consumer(config, buffer, settle, self.metrics)
         await consumer.open()
-        self.workers = Workers(
+        applier = Applier(
             config=config,
-            buffer=self.buffer,
             store=self.store,
             handler=self.handler,
-            settler=settler,
-            failures=Failures(config, self.broker.publish_channel, settler, self.metrics),
+            attempts=attempts,
             metrics=self.metrics,
-            on_store_outage=self.outage.report,
         )
+        self.workers = Workers(buffer=buffer, applier=applier, settle=settle)
         self.resize_workers(config.concurrency)
-        self.metrics.buffered.set_function(self._buffered)
         self.metrics.consumer_active.set_function(lambda: int(self.consumer.active))
         await consumer.start()
         # Beside the workers: reconnecting, the database outage, SIGHUP, the periodic jobs.
         self._spawn(consumer.keep_connected())
-        self._spawn(self.outage.watch(consumer, stopping=lambda: self._stopping))
+        self._spawn(self.outage.watch(consumer, buffer, stopping=lambda: self._stopping))
         self._spawn(self.reloader.run(self.signals.reload_requested))
         self._spawn(periodic.poll_depth(self.broker, self.metrics))
         self._spawn(
@@ -265,7 +272,7 @@ class Daemon:
         summary = {
             "duration": round(time.monotonic() - began, 3),
             "delivered": self.consumer.delivered,
-            "acked": self.workers.acked,
+            "acked": self._count("acked"),
             "requeued": self.shutdown_requeued,
             "cancelled": self.workers.cancelled,
             "duplicates": self._count("duplicate"),
@@ -294,15 +301,14 @@ class Daemon:
     async def _requeue_buffered(self) -> Details:
         """Step 3: the deliveries no worker has started go back to the queue."""
         # Nacks written to the connection: nothing to wait for, so no time limit.
-        requeued = await self.consumer.requeue_buffered()
+        requeued = self.buffer.requeue()
         self.shutdown_requeued += requeued
         return {"requeued": requeued}
 
     async def _drain(self) -> Details:
         """Step 4: handlers in flight finish, up to ``drain_timeout`` or a second signal."""
         tasks = [task for task in self._worker_tasks if not task.done()]
-        for _ in tasks:
-            self.buffer.put_nowait(None)  # one exit sentinel per worker, behind its message
+        self.buffer.stop_workers(len(tasks))  # one exit sentinel per worker, behind its message
         in_flight = self.workers.in_flight
         # A second signal means: stop waiting for handlers at once (no grace).
         with contextlib.suppress(TimeoutError):
@@ -321,7 +327,7 @@ class Daemon:
             await cancel_all(pending, self.deadlines, msg=f"{why}: message requeued")
         self.shutdown_requeued += self.workers.cancelled
         # Deliveries that raced with basic.cancel and landed behind the exit sentinels.
-        late = await self.consumer.requeue_buffered()
+        late = self.buffer.requeue()
         self.shutdown_requeued += late
         return {"in_flight": in_flight, "cancelled": self.workers.cancelled, "late_requeued": late}
 
@@ -396,12 +402,7 @@ class Daemon:
         self._worker_tasks = [task for task in self._worker_tasks if not task.done()]
         for _ in range(count - len(self._worker_tasks)):
             self._worker_tasks.append(self._task_group.create_task(self.workers.run()))
-        for _ in range(len(self._worker_tasks) - count):
-            self.buffer.put_nowait(None)
-
-    def _buffered(self) -> int:
-        # Deliveries only: not the exit markers that shutdown puts in for the workers.
-        return sum(item is not None for item in self.buffer._queue)  # type: ignore[attr-defined]  # noqa: SLF001
+        self.buffer.stop_workers(len(self._worker_tasks) - count)
 
     def not_ready(self) -> list[str]:
         """Why the daemon is not ready; empty when it is (``/readyz``)."""
@@ -428,7 +429,7 @@ class Daemon:
         return (
             f"{', '.join(self.not_ready()) or 'ready'}; "
             f"{self.workers.in_flight} in flight, "
-            f"{self.buffer.qsize()} buffered, {self._count('acked')} acked"
+            f"{len(self.buffer)} buffered, {self._count('acked')} acked"
         )
 
     def _count(self, outcome: str) -> int:

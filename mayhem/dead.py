@@ -27,8 +27,19 @@ import attrs
 from mayhem.amqp import Endpoint, open_link
 from mayhem.broker import connect, connection_name
 from mayhem.exceptions import ConfigError, LinkLost, StartupError
+from mayhem.headers import (
+    ATTEMPTS_HEADER,
+    DEATH_HEADER,
+    ERROR_HEADER,
+    FIRST_DEATH_QUEUE_HEADER,
+    FIRST_DEATH_REASON_HEADER,
+    LAST_FAILURE_HEADER,
+    REASON_HEADER,
+    copy_message,
+    parse_timestamp,
+    strip_mayhem_headers,
+)
 from mayhem.redact import mask_url
-from mayhem.retry import copy_message, parse_timestamp, strip_mayhem_headers
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Collection
@@ -79,10 +90,10 @@ class DeadLetter:
         Properties that cannot be decoded are shown as ``<undecodable: ...>``.
         """
         headers: dict[str, Any] = dict(message.headers)
-        last = parse_timestamp(headers.get("x-mayhem-last-failure"))
-        attempts = headers.get("x-mayhem-attempts", 0)
-        reason = headers.get("x-mayhem-reason")
-        error = str(headers.get("x-mayhem-error", ""))
+        last = parse_timestamp(headers.get(LAST_FAILURE_HEADER))
+        attempts = headers.get(ATTEMPTS_HEADER, 0)
+        reason = headers.get(REASON_HEADER)
+        error = str(headers.get(ERROR_HEADER, ""))
         size = len(message.body)
         if reason is None:
             reason, error, last = _broker_death(headers, size, max_bytes)
@@ -102,12 +113,12 @@ def _broker_death(
     headers: dict[str, Any], size: int, max_bytes: int | None
 ) -> tuple[str, str, float | None]:
     """Reason, error and time of a message the broker dead-lettered, from ``x-death``."""
-    deaths = headers.get("x-death")
+    deaths = headers.get(DEATH_HEADER)
     death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
-    reason = death.get("reason") or headers.get("x-first-death-reason")
+    reason = death.get("reason") or headers.get(FIRST_DEATH_REASON_HEADER)
     if not isinstance(reason, str):
         return "broker", "", None
-    queue = death.get("queue") or headers.get("x-first-death-queue") or "?"
+    queue = death.get("queue") or headers.get(FIRST_DEATH_QUEUE_HEADER) or "?"
     at = death.get("time")
     when = at.timestamp() if isinstance(at, datetime) else None
     if reason == "rejected" and max_bytes is not None and size > max_bytes:
@@ -255,7 +266,7 @@ async def dead_replay(config: Config, *, ids: Collection[str] | None) -> DeadRep
                         )
                         continue
                     why = f"replayed without what could not be decoded: {message.malformed}"
-                    headers["x-mayhem-error"] = why
+                    headers[ERROR_HEADER] = why
                     log.warning("%s (message_id %s)", why, printable(message.message_id or "-"))
                 copy = copy_message(message, headers)
                 # Confirmed first, removed after: never in neither queue.

@@ -33,7 +33,6 @@ route mayhem's copy into any queue the publisher named, with mayhem's permission
 
 from __future__ import annotations
 
-import re
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
@@ -45,25 +44,36 @@ from pamqp.header import ContentHeader
 from yarl import URL
 
 from mayhem.logs import MAX_TEXT, clean_text
+from mayhem.topology import RETRY_QUEUE_TAIL
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractIncomingMessage
 
     from mayhem.amqp import Delivery
 
-ATTEMPT_HEADER: Final = "x-mayhem-attempt"
+# mayhem's own headers: on a retry copy (the first three), on a dead letter (all but the first).
+ATTEMPT_HEADER: Final = "x-mayhem-attempt"  # the attempt the copy runs as
 ERROR_HEADER: Final = "x-mayhem-error"
 FIRST_FAILURE_HEADER: Final = "x-mayhem-first-failure"
+LAST_FAILURE_HEADER: Final = "x-mayhem-last-failure"
+REASON_HEADER: Final = "x-mayhem-reason"  # failed | rejected
+ATTEMPTS_HEADER: Final = "x-mayhem-attempts"  # the attempts made before dead-lettering
+HOST_HEADER: Final = "x-mayhem-host"
+QUEUE_HEADER: Final = "x-mayhem-queue"
+# The broker's: on a redelivery from a quorum queue, and when it dead-letters a message.
 DELIVERY_COUNT_HEADER: Final = "x-delivery-count"
+DEATH_HEADER: Final = "x-death"
+FIRST_DEATH_REASON_HEADER: Final = "x-first-death-reason"
+FIRST_DEATH_QUEUE_HEADER: Final = "x-first-death-queue"
 # The longest x-mayhem-error, and the longest error text a log line carries.
 MAX_ERROR_HEADER: Final = MAX_TEXT
 # What the broker adds when a message expires from a delay queue.
 BROKER_DEATH_HEADERS: Final = frozenset(
     {
-        "x-death",
+        DEATH_HEADER,
         "x-first-death-exchange",
-        "x-first-death-queue",
-        "x-first-death-reason",
+        FIRST_DEATH_QUEUE_HEADER,
+        FIRST_DEATH_REASON_HEADER,
         "x-last-death-exchange",
         "x-last-death-queue",
         "x-last-death-reason",
@@ -72,13 +82,13 @@ BROKER_DEATH_HEADERS: Final = frozenset(
 # Headers mayhem adds; a replay from the dead-letter queue strips them (and the broker's).
 MAYHEM_HEADERS: Final = BROKER_DEATH_HEADERS | {
     ATTEMPT_HEADER,
-    "x-mayhem-reason",
+    REASON_HEADER,
     ERROR_HEADER,
-    "x-mayhem-attempts",
+    ATTEMPTS_HEADER,
     FIRST_FAILURE_HEADER,
-    "x-mayhem-last-failure",
-    "x-mayhem-host",
-    "x-mayhem-queue",
+    LAST_FAILURE_HEADER,
+    HOST_HEADER,
+    QUEUE_HEADER,
 }
 _OWN_HEADERS: Final = MAYHEM_HEADERS - BROKER_DEATH_HEADERS
 # Sender-selected distribution: the broker routes a message to these too.
@@ -88,7 +98,6 @@ ROUTING_HEADERS: Final = frozenset({"CC", "BCC"})
 BROKER_RESERVE: Final = 2048
 # What the AMQP spec lets a peer assume when frame_max is 0 ("no limit").
 DEFAULT_FRAME_MAX: Final = 131_072
-_RETRY_QUEUE: Final = re.compile(r"\.retry\.[0-9]+")
 
 
 def describe(exc: BaseException, limit: int = MAX_ERROR_HEADER) -> str:
@@ -225,7 +234,7 @@ def came_from_retry(delivery: Delivery, queue: str, user: str | None) -> bool:
         return False
     if user is not None and delivery.properties.user_id != user:
         return False
-    trail = delivery.headers.get("x-death")
+    trail = delivery.headers.get(DEATH_HEADER)
     if not isinstance(trail, list) or len(trail) != 1 or not isinstance(trail[0], dict):
         return False
     death = trail[0]
@@ -233,7 +242,7 @@ def came_from_retry(delivery: Delivery, queue: str, user: str | None) -> bool:
     return (
         isinstance(died_in, str)
         and died_in.startswith(queue)
-        and _RETRY_QUEUE.fullmatch(died_in, len(queue)) is not None
+        and RETRY_QUEUE_TAIL.fullmatch(died_in, len(queue)) is not None
         and death.get("reason") == "expired"
         and type(death.get("count")) is int
         and death.get("count") == 1

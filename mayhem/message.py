@@ -32,7 +32,7 @@ class Message:
         headers: the AMQP headers.
         routing_key: the routing key it was published with.
         attempt: 1 on the first run, counting retries (and runs whose failure could not be
-            settled); see :mod:`mayhem.retry`. A publisher cannot set it.
+            settled); see :mod:`mayhem.policy`. A publisher cannot set it.
         redelivered: the broker delivered it before (to us or another consumer).
         content_type: the AMQP ``content_type`` property, or ``None``.
     """
@@ -133,7 +133,7 @@ def build_message(
         max_bytes: larger bodies are rejected.
         hash_missing_id: a delivery without ``message_id`` gets ``sha256:<hex of body>``
             instead of being rejected (two equal bodies are then the same message).
-        attempt: the attempt it runs as (:meth:`mayhem.retry.Failures.attempt_of`).
+        attempt: the attempt it runs as (:meth:`mayhem.policy.Attempts.of`).
 
     Raises:
         Reject: the delivery cannot be handled at all (no ``message_id``, a body over the

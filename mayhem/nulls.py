@@ -38,19 +38,29 @@ class NullConsumer:
     async def cancel(self) -> None:
         """Not subscribed."""
 
-    async def requeue_buffered(self) -> int:
-        """Nothing was delivered."""
-        return 0
-
     async def close(self) -> None:
         """No connection."""
+
+
+class NullBuffer:
+    """The buffer before start-up made it: nothing delivered, no worker to stop."""
+
+    def __len__(self) -> int:
+        """Nothing waits."""
+        return 0
+
+    def stop_workers(self, count: int) -> None:
+        """No worker runs."""
+
+    def requeue(self) -> int:
+        """Nothing was delivered."""
+        return 0
 
 
 class NullWorkers:
     """The workers before start-up made them: none ran, none run."""
 
     in_flight = 0
-    acked = 0
     cancelled = 0
 
     async def run(self) -> None:

@@ -1,10 +1,10 @@
 """The database outage: pause consumption while the database is down, resume when it answers.
 
-A worker that finds the database unreachable requeues its message and calls
-:meth:`Outage.report`. :meth:`Outage.watch` then runs the states in order: *detected* →
-*paused* (``basic.cancel``, the buffer requeued, so no message is taken that cannot be
-applied) → *probing* (a ping with backoff) → *resumed* (subscribed again). Nothing is
-dead-lettered for an outage: it is not the message's fault.
+A worker that finds the database unreachable decides "outage"; the settle stage requeues the
+message and calls :meth:`Outage.report`. :meth:`Outage.watch` then runs the states in order:
+*detected* → *paused* (``basic.cancel``, the buffer requeued, so no message is taken that
+cannot be applied) → *probing* (a ping with backoff) → *resumed* (subscribed again). Nothing
+is dead-lettered for an outage: it is not the message's fault.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from mayhem.exceptions import StoreUnavailable
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from mayhem.buffer import Buffer
     from mayhem.consumer import Consumer
     from mayhem.metrics import Metrics
     from mayhem.store import Store
@@ -52,16 +53,17 @@ class Outage:
         return self._detected.is_set()
 
     def report(self, why: str) -> None:
-        """A worker could not reach the database (the workers' ``on_store_outage``)."""
+        """A worker could not reach the database (the settle stage's ``on_outage``)."""
         if not self._detected.is_set():
             log.warning("database outage detected: %s", why, extra={"event": "database_outage"})
             self._detected.set()
 
-    async def watch(self, consumer: Consumer, stopping: Callable[[], bool]) -> None:
+    async def watch(self, consumer: Consumer, buffer: Buffer, stopping: Callable[[], bool]) -> None:
         """Pause ``consumer`` during each outage and resume it after; runs until cancelled.
 
         Args:
             consumer: what to pause and resume.
+            buffer: handed back to the broker when consuming pauses.
             stopping: whether shutdown has begun, after which consuming never resumes.
         """
         while True:
@@ -71,7 +73,7 @@ class Outage:
             self._metrics.store_up.set(0)
             self._metrics.store_outages.inc()
             await consumer.cancel()
-            requeued = await consumer.requeue_buffered()
+            requeued = buffer.requeue()
             log.warning(
                 "consumption paused: database unavailable ◆ %d buffered requeued",
                 requeued,

@@ -1,4 +1,7 @@
-"""Settling deliveries: acks batched with ``multiple=True``, requeues, rejects, stale ones dropped.
+"""The settle stage's mechanism: acks batched with ``multiple=True``, requeues and rejects.
+
+:mod:`mayhem.settle` decides what becomes of a delivery and counts it; this module sends the
+frames on the delivery's link, and counts only what it could not send (stale deliveries).
 
 Acks are batched without delaying any: a worker's ack joins the acks of every worker that
 finishes in the same turn of the loop, and the longest run of settled tags from the lowest
@@ -37,13 +40,13 @@ class _Tags:
 
 
 class Settler:
-    """Acks and requeues deliveries, counting each, and drops the stale ones.
+    """Acks, requeues and rejects deliveries on their link; a stale one is counted and dropped.
 
     A delivery tag belongs to its link: once the link is closed, settling an old tag is
     void; the broker has already requeued that message, so it is counted as stale.
 
     Args:
-        metrics: where requeues and stale deliveries are counted.
+        metrics: where stale deliveries are counted.
     """
 
     def __init__(self, metrics: Metrics) -> None:
@@ -99,10 +102,7 @@ class Settler:
         Returns:
             ``False`` if the delivery was stale.
         """
-        if not self._nack(delivery, requeue=True):
-            return False
-        self._metrics.requeued.inc()
-        return True
+        return self._nack(delivery, requeue=True)
 
     def reject(self, delivery: Delivery) -> bool:
         """Negative-acknowledge without requeue, now: the broker dead-letters the message.

@@ -53,8 +53,9 @@ if TYPE_CHECKING:
 
     from mayhem.amqp import Delivery
     from mayhem.message import Message
+    from mayhem.policy import Outcome
     from mayhem.store import Transaction
-    from mayhem.worker import Outcome, Workers
+    from mayhem.worker import Workers
 
 log = logging.getLogger(__name__)
 
@@ -290,15 +291,16 @@ class Tracing:
             yield span
 
     def instrument(self, workers: Workers) -> None:
-        """Wrap the workers' ``_process``, ``_apply`` and ``_call_handler`` with spans.
+        """Wrap the workers' ``_process`` and the applier's ``decide`` and ``_call_handler``.
 
         Wrapping the instance once, at start, rather than asking "tracing?" in the worker for
         each message keeps the untraced path exactly as it is.
         """
+        applier = workers.applier
         process = workers._process  # noqa: SLF001 -- the three steps of a message, by design
-        apply = workers._apply  # noqa: SLF001
-        call_handler = workers._call_handler  # noqa: SLF001
-        queue = workers._config.queue  # noqa: SLF001
+        decide = applier.decide
+        call_handler = applier._call_handler  # noqa: SLF001
+        queue = applier.queue
         tracer = self._tracer
         trace = self._trace
         consumer, internal = trace.SpanKind.CONSUMER, trace.SpanKind.INTERNAL
@@ -332,13 +334,13 @@ class Tracing:
             finally:
                 handler_end.reset(token)
 
-        async def traced_apply(
-            delivery: Delivery, attempt: int
-        ) -> tuple[Outcome, BaseException | None]:
-            outcome, error = await apply(delivery, attempt)
+        async def traced_decide(delivery: Delivery) -> Outcome:
+            outcome = await decide(delivery)
+            error = outcome.error
             span = trace.get_current_span()
-            span.set_attribute(ATTEMPT, attempt)
-            span.set_attribute(OUTCOME, outcome.value)
+            if outcome.attempt:
+                span.set_attribute(ATTEMPT, outcome.attempt)
+            span.set_attribute(OUTCOME, outcome.kind.value)
             if error is not None:
                 span.set_status(trace.StatusCode.ERROR, _describe(error))
                 span.set_attribute(ERROR_TYPE, type(error).__qualname__)
@@ -346,12 +348,12 @@ class Tracing:
             if ended is not None:
                 # The handler returned: from then to here is the claim and the commit.
                 commit = tracer.start_span("commit", kind=internal, start_time=ended)
-                committed = outcome.value == "applied"
+                committed = outcome.kind.value == "applied"
                 commit.set_attribute("mayhem.committed", committed)
                 if not committed and error is not None:
                     commit.set_status(trace.StatusCode.ERROR, _describe(error))
                 commit.end()
-            return outcome, error
+            return outcome
 
         async def traced_call_handler(message: Message, tx: Transaction) -> None:
             with tracer.start_as_current_span(
@@ -361,8 +363,8 @@ class Tracing:
             handler_end.set(time.time_ns())
 
         workers._process = traced_process  # type: ignore[method-assign]  # noqa: SLF001
-        workers._apply = traced_apply  # type: ignore[method-assign]  # noqa: SLF001
-        workers._call_handler = traced_call_handler  # type: ignore[method-assign]  # noqa: SLF001
+        applier.decide = traced_decide  # type: ignore[method-assign]
+        applier._call_handler = traced_call_handler  # type: ignore[method-assign]  # noqa: SLF001
 
     def flush(self, timeout: float) -> None:
         """Export what is buffered; shut the provider down if mayhem made it."""

@@ -1,10 +1,22 @@
-"""The workers: take a delivery, run the handler in a database transaction, then settle it.
+"""The workers: take a delivery, decide what becomes of it, hand the decision to settle.
 
-Order per message, the heart of the exactly-once promise:
+The walk of one delivery goes down the floors, never back up::
 
-1. skip the handler when the inbox already has the id (a redelivery): ack as duplicate;
+    broker ─▶ Consumer (mayhem.consumer): notes the tag (Settle.delivered), Buffer.put
+           ─▶ Buffer (mayhem.buffer): waits for a worker; stale ones dropped
+           ─▶ Workers.run ─▶ Applier.decide (here): the handler in the store's transaction
+                              ─▶ an Outcome (mayhem.policy)
+           ─▶ Settle.settle (mayhem.settle): Policy.verdict, then copies published with
+              confirms (mayhem.copies) and the ack, reject or requeue
+           ─▶ Settler (mayhem.settler): batched acks and nacks on the consuming Link
+
+The decision (:meth:`Applier.decide`) needs no broker: it reads the delivery, runs the
+handler and returns an :class:`~mayhem.policy.Outcome`. Order per message, the heart of the
+exactly-once promise:
+
+1. skip the handler when the inbox already has the id (a redelivery): a duplicate;
 2. run the handler inside a transaction, claim the id in the inbox in that transaction;
-3. commit, and only then ack.
+3. commit, and only then ack (the settle stage acts after the decision).
 
 A crash between 3's commit and ack is healed by step 1 on redelivery.
 """
@@ -14,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
-import enum
 import functools
 import inspect
 import logging
@@ -26,70 +37,56 @@ from mayhem.exceptions import HandlerTimeout, Reject, StoreUnavailable
 from mayhem.headers import describe
 from mayhem.logs import MESSAGE_ID
 from mayhem.message import Context, Message, SyncContext, build_message
-from mayhem.retry import AttemptsExhausted
+from mayhem.policy import APPLIED, DUPLICATE, UNREAD, AttemptsExhausted, Outcome
 from mayhem.store import BlockingTransaction
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from mayhem.amqp import Delivery
+    from mayhem.buffer import Buffer
     from mayhem.config import Config
     from mayhem.metrics import Metrics
-    from mayhem.retry import Failures
-    from mayhem.settler import Settler
+    from mayhem.policy import Attempts
+    from mayhem.settle import Settle
     from mayhem.store import Store, Transaction
 
 log = logging.getLogger(__name__)
 handler_log = logging.getLogger("mayhem.handler")
 
 
-class Outcome(enum.Enum):
-    """What applying a message came to; decides how it is settled."""
+class Applier:
+    """The worker's decision: run the handler in the store's transaction, say what came of it.
 
-    APPLIED = "applied"
-    DUPLICATE = "duplicate"
-    STORE_DOWN = "store_down"
-    REJECTED = "rejected"
-    FAILED = "failed"
-
-
-class Workers:
-    """The worker coroutines and what they share.
+    Needs no broker: :meth:`decide` takes a delivery and returns an
+    :class:`~mayhem.policy.Outcome`; the settle stage acts on it.
 
     Args:
         config: the daemon's configuration.
-        buffer: the consumer's buffer; ``None`` in it tells one worker to exit.
         store: the database with the inbox.
         handler: the user's handler (async or plain).
-        settler: acks and requeues.
-        failures: sends failed messages to a retry tier or the dead-letter queue.
-        metrics: where outcomes are counted.
-        on_store_outage: called when the database cannot be reached.
+        attempts: which attempt a delivery runs as.
+        metrics: the handlers' durations and the messages in flight.
     """
 
     def __init__(
         self,
         *,
         config: Config,
-        buffer: asyncio.Queue[Delivery | None],
         store: Store,
         handler: Callable[..., Any],
-        settler: Settler,
-        failures: Failures,
+        attempts: Attempts,
         metrics: Metrics,
-        on_store_outage: Callable[[str], None],
     ) -> None:
         self._config = config
-        self._buffer = buffer
+        self.queue = config.queue
         self._store = store
         self._handler = handler
         self._is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
             getattr(handler, "__call__", None)  # noqa: B004 -- an async __call__ method
         )
-        self._settler = settler
-        self._failures = failures
-        self._metrics = metrics
-        self._on_store_outage = on_store_outage
+        self._attempts = attempts
+        self._duration = metrics.handler_duration
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         # Handler deadlines of the messages in flight, checked by one timer for them all.
         self._deadlines: dict[asyncio.Task[Any], float] = {}
@@ -97,82 +94,22 @@ class Workers:
         self._reaper: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self.in_flight = 0
-        self.acked = 0
-        self.cancelled = 0
         metrics.in_flight.set_function(lambda: self.in_flight)
-        tracing.instrument(self)  # spans per message when tracing is on; off, nothing at all
 
-    async def run(self) -> None:
-        """One worker: take deliveries until told to exit (``None``) or cancelled."""
-        buffer = self._buffer
-        while True:
-            delivery = await buffer.get()
-            if delivery is None:
-                return
-            try:
-                await self._process(delivery)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # A bug in mayhem, not in the handler: keep the worker, keep the message.
-                log.exception("unexpected error while processing a message; requeueing it")
-                self._settler.requeue(delivery)
+    async def decide(self, delivery: Delivery) -> Outcome:
+        """Apply ``delivery`` (handler and inbox row in one transaction); say what happened.
 
-    async def _process(self, delivery: Delivery) -> None:
-        if delivery.stale:
-            self._metrics.stale_deliveries.inc()
-            return
-        token = MESSAGE_ID.set(delivery.message_id)
+        Raises:
+            asyncio.CancelledError: shutdown cancelled the handler; its transaction rolled back.
+        """
         if delivery.body_dropped:
-            try:
-                self._reject_unread(delivery)
-            finally:
-                MESSAGE_ID.reset(token)
-            return
+            return UNREAD
         self.in_flight += 1
         started = time.perf_counter()
-        try:
-            try:
-                attempt = self._failures.attempt_of(delivery)
-                outcome, error = await self._apply(delivery, attempt)
-            except asyncio.CancelledError:
-                # Shutdown's drain deadline passed: the transaction has rolled back.
-                self.cancelled += 1
-                self._settler.requeue(delivery)
-                raise
-            finally:
-                self.in_flight -= 1
-                self._metrics.handler_duration.observe(time.perf_counter() - started)
-            # Settling is apart from the handler's outcome: a failed ack is never a failed
-            # handler (the broker redelivers, and the inbox knows the message).
-            await self._settle(delivery, outcome, error, attempt)
-        finally:
-            MESSAGE_ID.reset(token)
-
-    def _reject_unread(self, delivery: Delivery) -> None:
-        """A body over max_message_bytes, skipped unread: the broker dead-letters it whole.
-
-        Copying it to ``<queue>.dead`` through mayhem would mean holding it in memory; the work
-        queue's dead-letter exchange moves it there on the broker, body intact.
-        """
-        if not self._settler.reject(delivery):
-            return  # the link is gone: the broker requeues it, and it comes back here
-        log.warning(
-            "rejected unread: body of %d bytes over max_message_bytes (%d); the broker "
-            "dead-letters it to %s",
-            delivery.body_size,
-            self._config.max_message_bytes,
-            self._config.dead_queue,
-            extra={"event": "rejected_unread"},
-        )
-        self._metrics.rejected.inc()
-
-    async def _apply(
-        self, delivery: Delivery, attempt: int
-    ) -> tuple[Outcome, BaseException | None]:
-        """Run the handler and commit its effects with the inbox row; say what happened."""
         config = self._config
         try:
+            # One coroutine for the whole decision: the hot path awaits no more than this.
+            attempt = self._attempts.of(delivery)
             message = build_message(
                 delivery,
                 config.max_message_bytes,
@@ -181,9 +118,9 @@ class Workers:
             )
             applied = await self._apply_by_deadline(message)
         except StoreUnavailable as exc:
-            return Outcome.STORE_DOWN, exc
+            return Outcome.outage(exc)
         except Reject as exc:
-            return Outcome.REJECTED, exc
+            return Outcome.rejected(exc, attempt)
         except Exception as exc:
             log.warning(
                 "handler failed: %s",
@@ -191,8 +128,11 @@ class Workers:
                 exc_info=log.isEnabledFor(10),
                 extra={"event": "handler_failed"},
             )
-            return Outcome.FAILED, exc
-        return (Outcome.APPLIED if applied else Outcome.DUPLICATE), None
+            return Outcome.failed(exc, attempt)
+        finally:
+            self.in_flight -= 1
+            self._duration.observe(time.perf_counter() - started)
+        return APPLIED if applied else DUPLICATE
 
     async def _apply_by_deadline(self, message: Message) -> bool:
         """``store.apply`` cancelled by the reaper at ``handler_timeout``.
@@ -245,30 +185,6 @@ class Workers:
         if self._deadlines:
             self._reaper = self._loop.call_later(self._reap_interval, self._reap)
 
-    async def _settle(
-        self, delivery: Delivery, outcome: Outcome, error: BaseException | None, attempt: int
-    ) -> None:
-        metrics = self._metrics
-        if outcome is Outcome.APPLIED:
-            if self._settler.ack(delivery):
-                self.acked += 1
-                metrics.acked.inc()
-        elif outcome is Outcome.DUPLICATE:
-            if self._settler.ack(delivery):
-                metrics.duplicate.inc()
-        elif outcome is Outcome.STORE_DOWN:
-            # Not the message's fault: back to the queue, not an attempt, not a dead letter.
-            why = describe(error) if error else "unknown"
-            log.warning("database unavailable (%s): requeueing", why)
-            self._settler.requeue(delivery)
-            self._on_store_outage(why)
-        elif outcome is Outcome.REJECTED:
-            await self._failures.dead_letter(
-                delivery, error or Reject("rejected"), attempt, reason="rejected"
-            )
-        else:
-            await self._failures.failed(delivery, error or RuntimeError("unknown failure"), attempt)
-
     async def _call_handler(self, message: Message, tx: Transaction) -> None:
         if message.attempt > self._config.max_attempts:
             # Redelivered after runs that could not be settled (or that a crash cut short):
@@ -300,3 +216,65 @@ class Workers:
             self._reaper = None
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class Workers:
+    """The worker coroutines: each takes a delivery, decides, and hands it to the settle stage.
+
+    Args:
+        buffer: where deliveries wait; ``None`` from it tells one worker to exit.
+        applier: decides what becomes of each delivery.
+        settle: acts on the decision.
+    """
+
+    def __init__(self, *, buffer: Buffer, applier: Applier, settle: Settle) -> None:
+        self._buffer = buffer
+        self.applier = applier
+        self._settle = settle
+        self.cancelled = 0
+        tracing.instrument(self)  # spans per message when tracing is on; off, nothing at all
+
+    @property
+    def in_flight(self) -> int:
+        """Messages whose handler is running."""
+        return self.applier.in_flight
+
+    async def run(self) -> None:
+        """One worker: take deliveries until told to exit (``None``) or cancelled."""
+        buffer, settle = self._buffer, self._settle
+        get = buffer.get
+        while True:
+            delivery = await get()
+            if delivery is None:
+                return
+            if delivery.stale:
+                buffer.drop(delivery)
+                continue
+            try:
+                await self._process(delivery)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug in mayhem, not in the handler: keep the worker, keep the message.
+                log.exception("unexpected error while processing a message; requeueing it")
+                settle.requeue(delivery)
+
+    async def _process(self, delivery: Delivery) -> None:
+        token = MESSAGE_ID.set(delivery.message_id)
+        try:
+            try:
+                outcome = await self.applier.decide(delivery)
+            except asyncio.CancelledError:
+                # Shutdown's drain deadline passed: the transaction has rolled back.
+                self.cancelled += 1
+                self._settle.requeue(delivery)
+                raise
+            # Settling is apart from the handler's outcome: a failed ack is never a failed
+            # handler (the broker redelivers, and the inbox knows the message).
+            await self._settle.settle(delivery, outcome)
+        finally:
+            MESSAGE_ID.reset(token)
+
+    def close(self) -> None:
+        """Let go of the handler threads without waiting for them (a stuck one never ends)."""
+        self.applier.close()

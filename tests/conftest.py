@@ -16,7 +16,12 @@ import pytest
 from mayhem_testing import DaemonProcess, pg_schema
 
 from mayhem.config import Config
-from mayhem.retry import retry_queue, retry_tiers
+from mayhem.topology import (
+    dead_letter_exchange,
+    dead_queue,
+    retry_queue,
+    retry_tiers,
+)
 
 AMQP_URL = os.environ.get("MAYHEM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 # The delay queues each test's configurations declare, deleted with the test's queue.
@@ -50,9 +55,9 @@ async def queue_name():
     connection = await aio_pika.connect(AMQP_URL)
     try:
         channel = await connection.channel()
-        for queue in (name, f"{name}.dead", *_DELAY_QUEUES.pop(name, set())):
+        for queue in (name, dead_queue(name), *_DELAY_QUEUES.pop(name, set())):
             await channel.queue_delete(queue, if_unused=False, if_empty=False)
-        for exchange in (name, f"{name}.dlx"):
+        for exchange in (name, dead_letter_exchange(name)):
             await channel.exchange_delete(exchange)
     finally:
         await connection.close()

@@ -16,10 +16,20 @@ import aiohttp
 import pytest
 from mayhem_testing import declare, records_of, wait_until
 
-from mayhem.amqp import Delivery
+from mayhem.buffer import Buffer
 from mayhem.consumer import Backoff, Consumer
 from mayhem.metrics import Metrics
+from mayhem.settle import Settle
 from mayhem.settler import Settler
+
+
+async def _consumer(amqp, config, metrics: Metrics, **kwargs: object) -> Consumer:
+    """A consumer with the daemon's floors below it: the buffer and the settle stage."""
+    channel = await amqp.channel(publisher_confirms=True)
+    settle = Settle(config, Settler(metrics), channel, metrics)
+    buffer = Buffer(config.effective_prefetch, settle, metrics)
+    return Consumer(config, buffer, settle, metrics, **kwargs)
+
 
 CONSUME_OK = struct.pack(">HH", 60, 21)  # basic.consume-ok: class 60, method 21
 
@@ -139,8 +149,7 @@ async def test_backoff_grows_when_the_connection_fails_right_after_subscribing(
     await declare(amqp, config)
     metrics = Metrics()
     backoff = Backoff(first=0.05, most=0.4, healthy_after=2.0)
-    buffer: asyncio.Queue[Delivery | None] = asyncio.Queue(maxsize=config.effective_prefetch)
-    consumer = Consumer(config, buffer, Settler(metrics), metrics, backoff=backoff)
+    consumer = await _consumer(amqp, config, metrics, backoff=backoff)
     await consumer.open()
     reconnecting = asyncio.create_task(consumer.keep_connected())
     try:
@@ -213,8 +222,7 @@ async def test_start_says_what_handler_timeout_is_checked_against(amqp, make_con
     config = make_config(handler_timeout=600)
     await declare(amqp, config)
     metrics = Metrics()
-    buffer: asyncio.Queue[Delivery | None] = asyncio.Queue(maxsize=config.effective_prefetch)
-    consumer = Consumer(config, buffer, Settler(metrics), metrics)
+    consumer = await _consumer(amqp, config, metrics)
     with caplog.at_level("INFO", logger="mayhem.consumer"):
         await consumer.open()
     await consumer.close()

@@ -5,8 +5,9 @@ from __future__ import annotations
 from mayhem_testing import drain, oracle, publish, rows, wait_until
 
 from mayhem.dead import dead_list, dead_purge, dead_replay
+from mayhem.headers import parse_timestamp
 from mayhem.message import content_id
-from mayhem.retry import parse_timestamp, retry_queue, retry_tiers
+from mayhem.topology import retry_queue, retry_tiers
 
 
 def _count(daemon, outcome: str) -> float:

@@ -18,7 +18,7 @@ from mayhem_testing import drain, publish, records_of, wait_until
 
 from mayhem import logs
 from mayhem.headers import MAX_ERROR_HEADER, header_frame_size
-from mayhem.retry import retry_queue
+from mayhem.topology import retry_queue
 
 FRAME_MAX = 131_072  # RabbitMQ's default, what the broker here negotiates
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -165,7 +165,7 @@ async def test_publisher_outage_never_runs_the_handler_past_max_attempts(
 ):
     """While nothing can be published, a failing message runs at most max_attempts times.
 
-    1. The failure policy's publishing channel is swapped for a closed one: every publish
+    1. The settle stage's publishing channel is swapped for a closed one: every publish
        fails at once, as in an outage that does not heal.
     2. A message that always fails: its retry cannot be published, so it is requeued, and
        each requeued run counts as an attempt. (It used to run again and again, its attempt
@@ -179,13 +179,13 @@ async def test_publisher_outage_never_runs_the_handler_past_max_attempts(
     async with run_daemon(config) as daemon:
         closed = await amqp.channel(publisher_confirms=True)
         await closed.close()
-        failures = daemon.workers._failures
-        working, failures._channel = failures._channel, closed
+        copies = daemon.workers._settle._copies
+        working, copies._channel = copies._channel, closed
         try:
             await publish(amqp, config.queue, [b"{}"], message_ids=["outage"])
             await wait_until(lambda: _count(daemon, "dead_lettered") == 1, timeout=30)
         finally:
-            failures._channel = working
+            copies._channel = working
         assert _count(daemon, "requeued") == 2
         assert _count(daemon, "retried") == 0
     [dead] = await drain(amqp, config.dead_queue)

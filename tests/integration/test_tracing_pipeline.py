@@ -14,7 +14,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from mayhem import tracing
 from mayhem.publisher import publish as mayhem_publish
-from mayhem.worker import Workers
+from mayhem.worker import Applier, Workers
 
 
 @pytest.fixture
@@ -178,6 +178,7 @@ async def test_tracing_off_leaves_the_workers_untouched(make_config, run_daemon)
     async with run_daemon(config) as daemon:
         assert tracing.ACTIVE is None
         workers = daemon.workers
-        for name in ("_process", "_apply", "_call_handler"):
-            assert getattr(workers, name).__func__ is getattr(Workers, name)
+        assert workers._process.__func__ is Workers._process
+        for name in ("decide", "_call_handler"):
+            assert getattr(workers.applier, name).__func__ is getattr(Applier, name)
     tracing.reset()

@@ -24,6 +24,7 @@ import pika
 
 from mayhem.broker import declare_topology
 from mayhem.config import Config
+from mayhem.topology import dead_queue
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable
@@ -145,7 +146,7 @@ async def oracle(
 ) -> Verdict:
     """Every confirmed id is applied once, dead-lettered, or still queued (or waiting to retry)."""
     applied_rows = [row[0] for row in await rows(db_url, f"SELECT message_id FROM {table}")]
-    dead = {m.message_id for m in await drain(connection, f"{queue}.dead")}
+    dead = {m.message_id for m in await drain(connection, dead_queue(queue))}
     queued = {m.message_id for m in await drain(connection, queue)}
     for waiting in retry_queues:
         queued |= {m.message_id for m in await drain(connection, waiting)}

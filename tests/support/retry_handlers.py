@@ -7,7 +7,7 @@ import os
 import time
 
 import mayhem
-from mayhem.retry import parse_timestamp
+from mayhem.headers import parse_timestamp
 
 
 async def _setup(db) -> None:

@@ -195,7 +195,7 @@ def test_message_defaults():
 def test_build_message_copies_the_delivery():
     """build_message takes id, body, headers, routing key and content type from the delivery.
 
-    The attempt is the caller's (mayhem.retry.Failures.attempt_of), not the header's.
+    The attempt is the caller's (mayhem.policy.Attempts.of), not the header's.
     """
     incoming = delivery(
         b'{"host": "web-1"}',
