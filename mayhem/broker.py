@@ -7,6 +7,7 @@ queue. Consuming has a connection of its own (:mod:`mayhem.consumer`, :mod:`mayh
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -16,7 +17,9 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from yarl import URL
 
+from mayhem.amqp.url import split_hosts
 from mayhem.config import mask_url
 from mayhem.exceptions import ConfigError, StartupError
 from mayhem.retry import retry_queue, retry_tiers
@@ -68,22 +71,80 @@ def retry_queue_arguments(config: Config, delay: float) -> dict[str, Any]:
 async def connect(config: Config, role: str = "consumer") -> AbstractRobustConnection:
     """Open a robust connection; fail fast when the broker cannot be reached at start.
 
+    A cluster URL (``amqp://u:p@h1,h2,h3/``) names several nodes: the first that answers is
+    used, and while the connection is down its reconnect attempts go round the other nodes
+    (aio-pika's robust connection only ever retries the one URL it was given).
+
     Raises:
-        StartupError: the broker refused the credentials or could not be reached.
+        StartupError: the broker refused the credentials or no node could be reached.
     """
-    try:
-        return await aio_pika.connect_robust(
-            config.amqp_url,
-            client_properties={"connection_name": connection_name(config.queue, role)},
-            reconnect_interval=RECONNECT_INTERVAL,
-            timeout=10,
-        )
-    except aiormq.exceptions.ProbableAuthenticationError:
-        msg = f"broker {mask_url(config.amqp_url)} refused the credentials"
-        raise StartupError(msg) from None
-    except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
-        msg = f"cannot connect to broker {mask_url(config.amqp_url)}: {_describe(exc)}"
-        raise StartupError(msg) from None
+    urls = split_hosts(config.amqp_url)
+    failure: BaseException | None = None
+    for url in urls:
+        try:
+            connection = await aio_pika.connect_robust(
+                url,
+                client_properties={"connection_name": connection_name(config.queue, role)},
+                reconnect_interval=RECONNECT_INTERVAL,
+                timeout=10,
+            )
+        except aiormq.exceptions.ProbableAuthenticationError:
+            msg = f"broker {mask_url(config.amqp_url)} refused the credentials"
+            raise StartupError(msg) from None
+        except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
+            failure = exc
+            continue
+        if len(urls) > 1 and isinstance(connection, aio_pika.RobustConnection):
+            _Failover(connection, urls, url)
+        return connection
+    shown = _describe(failure) if failure else "no host"
+    msg = f"cannot connect to broker {mask_url(config.amqp_url)}: {shown}"
+    raise StartupError(msg)
+
+
+class _Failover:
+    """Points a robust connection at the next node of a cluster while it is down.
+
+    aio-pika reads the connection's ``url`` at each reconnect attempt; from the loss until the
+    connection is back, this moves it to the next node every reconnect interval, starting
+    with the node after the one that was lost. It lives as long as the connection's close
+    callback; its task ends when the connection is back or closed.
+    """
+
+    def __init__(
+        self, connection: aio_pika.RobustConnection, urls: list[str], current: str
+    ) -> None:
+        self._connection = connection
+        self._urls = [URL(url) for url in urls]
+        self._at = urls.index(current)
+        self._task: asyncio.Task[None] | None = None
+        connection.close_callbacks.add(self._lost)
+
+    def _lost(self, _: Any, exc: BaseException | None = None) -> None:  # noqa: ANN401, ARG002
+        connection = self._connection
+        if connection.close_called or connection.is_closed:
+            if self._task is not None:
+                self._task.cancel()
+            return
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._rotate(), name="mayhem-broker-failover"
+            )
+
+    async def _rotate(self) -> None:
+        connection = self._connection
+        while not (connection.close_called or connection.is_closed):
+            self._at = (self._at + 1) % len(self._urls)
+            url = self._urls[self._at]
+            # The robust connection reads this at its next attempt.
+            connection.url = url
+            log.info("broker (publishing): next connection attempt to %s:%s", url.host, url.port)
+            try:
+                async with asyncio.timeout(RECONNECT_INTERVAL * 1.5):
+                    await connection.connected.wait()
+            except TimeoutError:
+                continue
+            return
 
 
 def _describe(exc: BaseException) -> str:

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from mayhem.amqp.url import split_hosts
 from mayhem.exceptions import ConfigError
 
 if TYPE_CHECKING:
@@ -117,12 +118,13 @@ def _parse_optional(value: object) -> str | None:
 
 
 def _parse_amqp_url(value: object) -> str:
-    """an amqp:// or amqps:// URL."""
+    """an amqp:// or amqps:// URL; a cluster's nodes as amqp://user:pass@h1:5672,h2:5672/."""
     text = _text(value)
-    parts = urlsplit(text)
-    if parts.scheme not in {"amqp", "amqps"} or not parts.hostname:
-        raise ValueError
-    _ = parts.port  # raises ValueError on a port that is not a number
+    for url in split_hosts(text):  # raises ValueError on an empty host in the list
+        parts = urlsplit(url)
+        if parts.scheme not in {"amqp", "amqps"} or not parts.hostname:
+            raise ValueError
+        _ = parts.port  # raises ValueError on a port that is not a number
     return text
 
 

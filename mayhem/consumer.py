@@ -15,7 +15,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Final
 
-from mayhem.amqp import Endpoint, Link, open_link
+from mayhem.amqp import Endpoint, Link, open_any, split_hosts
 from mayhem.broker import connection_name
 from mayhem.config import mask_url
 from mayhem.exceptions import BrokerRefused, LinkLost, StartupError
@@ -51,7 +51,9 @@ class Consumer:
         metrics: Metrics,
     ) -> None:
         self._config = config
-        self._endpoint = Endpoint.from_url(config.amqp_url)
+        # A cluster URL names several nodes; a reconnect tries the others first.
+        self._endpoints = [Endpoint.from_url(url) for url in split_hosts(config.amqp_url)]
+        self._failed: Endpoint | None = None
         self._buffer = buffer
         self._settler = settler
         self._metrics = metrics
@@ -91,8 +93,9 @@ class Consumer:
 
     async def _connect(self) -> Link:
         config = self._config
-        return await open_link(
-            self._endpoint,
+        return await open_any(
+            self._endpoints,
+            after=self._failed,
             client_properties={"connection_name": connection_name(config.queue)},
             prefetch=config.effective_prefetch,
             on_delivery=self._on_delivery,
@@ -142,6 +145,7 @@ class Consumer:
     def _on_lost(self, link: Link, exc: BaseException | None) -> None:
         if link is not self._link or self._closing:
             return
+        self._failed = link.endpoint
         dropped = self.drop_stale()
         if dropped:
             self._metrics.stale_deliveries.inc(dropped)
@@ -150,6 +154,7 @@ class Consumer:
             "broker requeues them)",
             exc or "closed",
             dropped,
+            extra={"broker_host": _address(link.endpoint)},
         )
         self._lost.set()
 
@@ -184,10 +189,13 @@ class Consumer:
                     self._lost.set()
                     break
                 self._metrics.broker_reconnects.inc()
+                host = _address(link.endpoint)
                 if self.active:
-                    log.info("consuming again: broker connection re-established")
+                    log.info("consuming again: broker connection re-established (%s)", host)
                 else:
-                    log.info("broker connection re-established; consumption stays paused")
+                    log.info(
+                        "broker connection re-established (%s); consumption stays paused", host
+                    )
                 break
             if self._closing:
                 return
@@ -229,3 +237,7 @@ class Consumer:
             return
         self._settler.flush()
         await link.close()
+
+
+def _address(endpoint: Endpoint | None) -> str:
+    return f"{endpoint.host}:{endpoint.port}" if endpoint else "unknown"

@@ -16,7 +16,16 @@ stays on aio-pika, in :mod:`mayhem.broker`.
 
 from mayhem.amqp.delivery import Delivery, Properties
 from mayhem.amqp.framing import decode_content_header
-from mayhem.amqp.link import Link, open_link
-from mayhem.amqp.url import Endpoint
+from mayhem.amqp.link import Link, open_any, open_link
+from mayhem.amqp.url import Endpoint, split_hosts
 
-__all__ = ["Delivery", "Endpoint", "Link", "Properties", "decode_content_header", "open_link"]
+__all__ = [
+    "Delivery",
+    "Endpoint",
+    "Link",
+    "Properties",
+    "decode_content_header",
+    "open_any",
+    "open_link",
+    "split_hosts",
+]

@@ -33,7 +33,7 @@ from mayhem.amqp.framing import (
 from mayhem.exceptions import BrokerRefused, LinkLost
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Sequence
 
     from mayhem.amqp.url import Endpoint
 
@@ -79,6 +79,7 @@ class Link(asyncio.Protocol):
         self._closing = False
         self.consumer_tag: str | None = None
         self.server: dict[str, Any] = {}
+        self.endpoint: Endpoint | None = None  # where it connected (set by open_any)
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -449,3 +450,48 @@ async def open_link(
         link.abort()
         raise
     return link
+
+
+async def open_any(
+    endpoints: Sequence[Endpoint],
+    *,
+    after: Endpoint | None = None,
+    client_properties: dict[str, Any],
+    prefetch: int,
+    on_delivery: Callable[[Delivery], None],
+    on_lost: Callable[[Link, BaseException | None], None],
+) -> Link:
+    """:func:`open_link` to the first of a cluster's nodes that answers.
+
+    The nodes are tried in order, starting with the one after ``after`` (the node whose
+    connection was just lost, or that failed last), so that a reconnect goes to another
+    node first and the node that failed is tried last.
+
+    Raises:
+        BrokerRefused: a node refused the credentials or the vhost (the nodes of a cluster
+            share them, so the others would too).
+        LinkLost: no node could be reached; the message names the last node's failure.
+    """
+    start = endpoints.index(after) + 1 if after in endpoints else 0
+    order = [*endpoints[start:], *endpoints[:start]]
+    failure = LinkLost("no broker host to connect to")
+    for endpoint in order:
+        try:
+            link = await open_link(
+                endpoint,
+                client_properties=client_properties,
+                prefetch=prefetch,
+                on_delivery=on_delivery,
+                on_lost=on_lost,
+            )
+        except LinkLost as exc:
+            if len(order) > 1:
+                log.info("broker %s:%d failed: %s", endpoint.host, endpoint.port, exc)
+            failure = exc
+            continue
+        link.endpoint = endpoint
+        return link
+    if len(order) > 1:
+        msg = f"none of the {len(order)} broker hosts answered; the last: {failure}"
+        raise LinkLost(msg)
+    raise failure

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from typing import Final
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import attrs
 
@@ -49,3 +49,23 @@ class Endpoint:
             password=unquote(parts.password or "guest"),
             heartbeat=int(heartbeat) if heartbeat.isdigit() else DEFAULT_HEARTBEAT,
         )
+
+
+def split_hosts(url: str) -> list[str]:
+    """One URL per host of a cluster URL such as ``amqp://u:p@h1:5681,h2:5682,h3/vhost``.
+
+    The hosts share the scheme, credentials, vhost and query; a URL with one host comes back
+    as it is.
+
+    Raises:
+        ValueError: a host in the list is empty (``h1,,h2``).
+    """
+    parts = urlsplit(url)
+    userinfo, at, hostlist = parts.netloc.rpartition("@")
+    hosts = hostlist.split(",")
+    if len(hosts) == 1:
+        return [url]
+    if not all(hosts):
+        msg = "an empty host in the broker URL's host list"
+        raise ValueError(msg)
+    return [urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host}")) for host in hosts]
