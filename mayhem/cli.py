@@ -43,7 +43,14 @@ class _Parser(argparse.ArgumentParser):
 
 # (flag, setting, help); every value is a string here, converted and checked by Config.
 _CONNECTION_FLAGS: Final = (
-    ("--amqp-url", "amqp_url", "broker URL (default amqp://guest:guest@localhost:5672/)"),
+    (
+        "--amqp-url",
+        "amqp_url",
+        (
+            "broker URL (default amqp://guest:guest@localhost:5672/); a cluster: repeat it, "
+            "one per node, or amqp://user:pass@host1:port1,host2:port2/"
+        ),
+    ),
     ("--queue", "queue", "work queue name (default mayhem)"),
     ("--exchange", "exchange", "exchange name (default mayhem)"),
 )
@@ -69,7 +76,11 @@ _RUN_FLAGS: Final = (
 
 def _add_flags(parser: argparse.ArgumentParser, flags: Sequence[tuple[str, str, str]]) -> None:
     for flag, dest, text in flags:
-        parser.add_argument(flag, dest=dest, default=None, metavar=dest.upper(), help=text)
+        # Repeated, the broker URL names the nodes of a cluster (Config joins them).
+        action = "append" if dest == "amqp_url" else "store"
+        parser.add_argument(
+            flag, dest=dest, default=None, metavar=dest.upper(), help=text, action=action
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

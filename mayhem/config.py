@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from mayhem.amqp.url import split_hosts
+from mayhem.amqp.url import join_hosts, split_hosts
 from mayhem.exceptions import ConfigError
 
 if TYPE_CHECKING:
@@ -118,8 +118,9 @@ def _parse_optional(value: object) -> str | None:
 
 
 def _parse_amqp_url(value: object) -> str:
-    """an amqp:// or amqps:// URL; a cluster's nodes as amqp://user:pass@h1:5672,h2:5672/."""
-    text = _text(value)
+    """an amqp:// or amqps:// URL, for a cluster amqp://user:pass@host1:port1,host2:port2/."""
+    # A list: the nodes of a cluster, one URL each (a repeated --amqp-url, a TOML array).
+    text = join_hosts([_text(v) for v in value]) if isinstance(value, list) else _text(value)
     for url in split_hosts(text):  # raises ValueError on an empty host in the list
         parts = urlsplit(url)
         if parts.scheme not in {"amqp", "amqps"} or not parts.hostname:
@@ -291,7 +292,13 @@ class Config:
             try:
                 values[key] = parse(value)
             except (TypeError, ValueError, OverflowError):
-                shown = mask_url(str(value)) if key.endswith("url") else str(value)
+                shown = (
+                    ", ".join(mask_url(str(v)) for v in value)
+                    if isinstance(value, list)
+                    else mask_url(str(value))
+                    if key.endswith("url")
+                    else str(value)
+                )
                 what = (parse.__doc__ or "valid").rstrip(".")
                 msg = f"{key} must be {what}, got {shown!r} ({origin})"
                 raise ConfigError(msg) from None

@@ -69,3 +69,32 @@ def split_hosts(url: str) -> list[str]:
         msg = "an empty host in the broker URL's host list"
         raise ValueError(msg)
     return [urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host}")) for host in hosts]
+
+
+def join_hosts(urls: list[str]) -> str:
+    """One cluster URL from URLs of its nodes (a repeated ``--amqp-url``).
+
+    Raises:
+        ValueError: the URLs differ in more than their host and port (scheme, credentials,
+            vhost or query), or there are none.
+    """
+    singles = [single for url in urls for single in split_hosts(url)]
+    if not singles:
+        msg = "no broker URL"
+        raise ValueError(msg)
+    first = urlsplit(singles[0])
+    userinfo, at, _ = first.netloc.rpartition("@")
+    hosts = []
+    for url in singles:
+        parts = urlsplit(url)
+        their_userinfo, _, host = parts.netloc.rpartition("@")
+        if (parts.scheme, their_userinfo, parts.path, parts.query) != (
+            first.scheme,
+            userinfo,
+            first.path,
+            first.query,
+        ):
+            msg = "the broker URLs differ in more than their host and port"
+            raise ValueError(msg)
+        hosts.append(host)
+    return urlunsplit(first._replace(netloc=f"{userinfo}{at}{','.join(hosts)}"))

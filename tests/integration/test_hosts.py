@@ -7,6 +7,8 @@ as a cluster whose first node is down.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
 
@@ -111,3 +113,32 @@ async def test_publishing_connection_fails_when_no_node_answers(queue_name):
     async with asyncio.timeout(30):
         with pytest.raises(StartupError, match="cannot connect"):
             await connect(config, role="test")
+
+
+def test_one_url_per_node_joins_into_one_cluster_url():
+    urls = ["amqp://u:p@h1:5681/v?heartbeat=5", "amqp://u:p@h2:5682/v?heartbeat=5"]
+    config = Config.load(flags={"amqp_url": urls}, environ={})
+    assert config.amqp_url == "amqp://u:p@h1:5681,h2:5682/v?heartbeat=5"
+
+
+@pytest.mark.parametrize(
+    "other",
+    ["amqp://u:x@h2/v", "amqps://u:p@h2/v", "amqp://u:p@h2/w", "amqp://u:p@h2/v?heartbeat=1"],
+)
+def test_node_urls_must_differ_only_in_host_and_port(other):
+    with pytest.raises(ConfigError, match="amqp_url") as raised:
+        Config.load(flags={"amqp_url": ["amqp://u:p@h1/v", other]}, environ={})
+    assert ":p@" not in str(raised.value), "the password is masked"
+
+
+def test_repeated_amqp_url_flag_names_the_nodes():
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "mayhem", "check-config",
+            "--amqp-url", "amqp://guest:secret@127.0.0.1:5681/",
+            "--amqp-url", "amqp://guest:secret@127.0.0.1:5682/",
+        ],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert 'amqp_url = "amqp://guest:***@127.0.0.1:5681,127.0.0.1:5682/"' in done.stdout
