@@ -5,10 +5,12 @@ Why not aio-pika here: on the hot path aio-pika (over aiormq) reads every frame 
 ``IncomingMessage`` per delivery; that alone costs more CPU per message than mayhem's whole
 budget (``bench/RESULTS.md``, ``docs/adr/0001-own-consuming-client.md``).
 
-- :mod:`mayhem.amqp.url`: the broker URL, parsed once (:class:`Endpoint`);
+- :mod:`mayhem.amqp.url`: the broker URL, parsed once (:class:`Endpoint`), a cluster's split
+  into one URL per node (:func:`split_hosts`);
 - :mod:`mayhem.amqp.framing`: frame layouts and content-header decoding;
 - :mod:`mayhem.amqp.delivery`: what is handed on (:class:`Delivery`, :class:`Properties`);
-- :mod:`mayhem.amqp.link`: the connection itself (:class:`Link`, :func:`open_link`).
+- :mod:`mayhem.amqp.link`: the connection itself (:class:`Link`, :func:`open_link`, and
+  :func:`open_any` for the first of a cluster's nodes that answers).
 
 Everything else on the broker (topology, publishing with confirms, the dead-letter tools)
 stays on aio-pika, in :mod:`mayhem.broker`.
