@@ -18,6 +18,10 @@ unique ids, manual acks):
 4. mayhem's peak RSS as the backlog grows (10,000 and 100,000; with --large also 1,000,000);
 5. when a goal is not met, a py-spy profile of the contender that missed it.
 
+A default run takes about 20 minutes on a quiet 2-core machine (90 throughput runs: 2 queue
+types x 3 prefetches x 5 contenders x 3 rounds), --large about 6 more, --quick about 3.
+Run it on a quiet machine: other work shows up as noise, chiefly in the broker's CPU.
+
 Progress goes to stderr, the results to stdout and bench/RESULTS.md (overwritten).
 FastStream runs in its own virtualenv, bench/.venv-faststream, created on the first run.
 """
@@ -1234,7 +1238,7 @@ def parse_args() -> argparse.Namespace:
         help="comma-separated parts to run (throughput, scale, sigterm, rss)",
     )
     args = parser.parse_args()
-    args.profile_messages, args.profile_seconds = 60_000, 6
+    args.profile_messages, args.profile_seconds = 60_000, 4
     if args.quick:
         args.messages, args.rounds, args.sigterm_rounds = 3000, 1, 1
         args.sigterm_queued = 1000
