@@ -196,7 +196,14 @@ async def profile(what: Profiled) -> str:
         f"({'all non-idle threads' if what.all_threads else 'the thread holding the GIL'}); "
         f"{rate:,.0f} msg/s while sampled"
     )
-    lines = [head]
+    lines = [
+        head,
+        (
+            f"{samples / (what.seconds * what.rate):.0%} of the possible samples were taken "
+            "(py-spy leaves out idle threads; with --gil, below 100 % means the process "
+            "waited the rest of the time: on I/O, or for a core)"
+        ),
+    ]
     # The frames under everything (runpy, cli, run_daemon, the loop's run) say nothing.
     roots = {frame for frame, count in total.items() if count >= ROOT_SHARE * samples}
     inner = collections.Counter({f: c for f, c in total.items() if f not in roots})

@@ -876,12 +876,37 @@ def limit_text(tallies: Tallies, queue_type: str) -> str:
     return text
 
 
+def why_missed(tallies: Tallies, goal_text: str, name: str, queue_type: str, other: str) -> str:
+    """One line on a missed goal: what CPU per message alone allows, and how busy it was."""
+    found, theirs = best(tallies, queue_type, name), best(tallies, queue_type, other)
+    if found is None or theirs is None:
+        return f"- {goal_text}: not enough runs to say."
+    tally, other_tally = found[1], theirs[1]
+    cpu, busy = tally.median("cpu_us") or 0.0, tally.median("busy") or 0.0
+    other_cpu = other_tally.median("cpu_us") or 0.0
+    cap = 1e6 / cpu if cpu else 0.0
+    other_rate = other_tally.median("rate") or 0.0
+    return (
+        f"- {goal_text}: {name} spends {cpu:.0f} µs of CPU per message against {other}'s "
+        f"{other_cpu:.0f} µs; on one core that alone caps it at {cap:,.0f} msg/s "
+        f"({cap / other_rate:.2f}x {other}'s {other_rate:,.0f}) if it never waited. It kept "
+        f"{busy:.2f} of a core busy: "
+        + (
+            "its own CPU is the limit."
+            if busy >= CLIENT_BOUND
+            else f"the other {1 - busy:.0%} of the time it waited (for its database commits, "
+            "the broker, or a core)."
+        )
+    )
+
+
 def goals_section(  # noqa: C901 -- one table, one row per goal
     args: argparse.Namespace, tallies: Tallies, sigterm: SigtermResult, rss: RssResult
 ) -> tuple[list[str], list[tuple[str, str, int]]]:
     """The goals table, and the (contender, queue type, prefetch) that missed one."""
     lines = ["| goal | measured | verdict |", "|---|---|---|"]
     missed: list[tuple[str, str, int]] = []
+    reasons: list[str] = []
 
     def rate_of(queue_type: str, name: str) -> tuple[float | None, float | None, int]:
         found = best(tallies, queue_type, name)
@@ -903,6 +928,7 @@ def goals_section(  # noqa: C901 -- one table, one row per goal
         lines.append(f"| {text} | {fmt(value, '.2f')} {shown} | {goal(met)} |")
         if met is False:
             missed.append((name, queue_type, prefetch))
+            reasons.append(why_missed(tallies, text, name, queue_type, other))
 
     if "classic" in args.queue_types:
         check("mayhem no-op >= 1.3x best raw aio-pika, classic", NOOP, "classic", RAW, 1.3)
@@ -948,6 +974,12 @@ def goals_section(  # noqa: C901 -- one table, one row per goal
         )
     else:
         lines.append(f"| peak RSS flat as the backlog grows | {rss} | not measured |")
+    if reasons:
+        lines += [
+            "",
+            "Why, from the measurements (the profiles at the end say where the time goes):",
+        ]
+        lines += ["", *reasons]
     return lines, list(dict.fromkeys(missed))
 
 
