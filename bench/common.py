@@ -16,6 +16,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
 
 HERE: Final = Path(__file__).resolve().parent
 ROOT: Final = HERE.parent
@@ -148,6 +149,38 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def listener_pid(port: int) -> int | None:
+    """The pid of the process listening on TCP ``port`` (the broker's beam.smp), or ``None``.
+
+    Found through /proc: the listening socket's inode in /proc/net/tcp{,6}, then the process
+    holding that inode open. Needs the rights to read other processes' fd tables (root).
+    """
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                listening = fields[3] == "0A"
+                if listening and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (entry / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if str(fd.readlink()) in inodes:
+                        return int(entry.name)
+    return None
+
+
+def broker_pid(url: str = AMQP_URL) -> int | None:
+    """The OS pid of the broker behind ``url`` (loopback only), or ``None`` if not found."""
+    return listener_pid(urlsplit(url).port or 5672)
+
+
 def status_kb(pid: int, key: str) -> int:
     """A ``kB`` line of /proc/<pid>/status, e.g. ``VmHWM`` (peak RSS) or ``VmRSS``."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -194,52 +227,55 @@ def mayhem_daemon(args: list[str], env: dict[str, str] | None = None) -> DaemonP
 
 
 async def sigterm_to_exit(
-    queued: int, concurrency: int, handler_delay: float, db_dir: Path
+    queued: int, concurrency: int, handler_delay: float, db_dir: Path, daemons: int = 1
 ) -> tuple[float, float]:
     """SIGTERM with ``concurrency`` handlers in flight and ``queued`` waiting; time to exit.
 
+    With ``daemons`` > 1, that many daemons consume the one queue (each with its own SQLite
+    inbox: they never see the same message, and a shared file would only add lock waits to
+    the timing); all are signalled at once, and the time is until the last one has exited.
+
     Returns:
-        Seconds from SIGTERM to the exit, and the drain step's own seconds (the wait for the
+        Seconds from SIGTERM to the (last) exit, and the longest drain step (the wait for the
         handlers in flight).
     """
     config = bench_config("bench-shutdown")
     queue = config.queue
     async with topology(config) as connection:
         await prefill(connection, queue, queued, bodies=[b'{"host": "web-1"}'])
-        daemon = mayhem_daemon(
-            [
-                "--queue",
-                queue,
-                "--exchange",
-                queue,
-                "--handler",
-                "bench_handlers:sleep",
-                "--concurrency",
-                str(concurrency),
-                "--db-url",
-                f"sqlite:///{db_dir / (queue + '.db')}",
-            ],
-            env={"BENCH_HANDLER_DELAY": str(handler_delay)},
-        )
+        started = [
+            mayhem_daemon(
+                [
+                    *("--queue", queue, "--exchange", queue),
+                    *("--handler", "bench_handlers:sleep", "--concurrency", str(concurrency)),
+                    *("--db-url", f"sqlite:///{db_dir / f'{queue}-{i}.db'}"),
+                ],
+                env={"BENCH_HANDLER_DELAY": str(handler_delay)},
+            )
+            for i in range(daemons)
+        ]
         try:
-            await daemon.start()
-            addr = daemon.metrics_addr
-            if addr is None:
-                raise RuntimeError("the daemon did not report its metrics address")
+            await asyncio.gather(*(daemon.start() for daemon in started))
 
-            async def window_full() -> bool:
-                in_flight = (await scrape(addr)).get("mayhem_messages_in_flight", 0.0)
+            async def window_full(daemon: DaemonProcess) -> bool:
+                addr = daemon.metrics_addr or ""
+                in_flight = (await scrape(addr)).get("mayhem_messages_in_flight", 0)
                 return in_flight >= concurrency
 
-            await wait_until(window_full, timeout=30, interval=0.01)
+            for daemon in started:
+                await wait_until(lambda d=daemon: window_full(d), timeout=30, interval=0.01)
             sent = time.monotonic()
-            daemon.signal(signal.SIGTERM)
-            code = await daemon.wait(timeout=120)
+            for daemon in started:
+                daemon.signal(signal.SIGTERM)
+            codes = await asyncio.gather(*(daemon.wait(timeout=120) for daemon in started))
             took = time.monotonic() - sent
         finally:
-            await daemon.kill()
-        if code != 0:
-            raise RuntimeError(f"daemon exited {code}")
-        [drain] = daemon.events("shutdown_step", step="drained")
-        drain_s = float(drain["duration"])
-        return took, drain_s
+            for daemon in started:
+                await daemon.kill()
+        if any(codes):
+            raise RuntimeError(f"daemons exited {codes}")
+        drains = []
+        for daemon in started:
+            [drain] = daemon.events("shutdown_step", step="drained")
+            drains.append(float(drain["duration"]))
+        return took, max(drains)

@@ -24,7 +24,9 @@ from faststream.rabbit import Channel, QueueType, RabbitBroker, RabbitQueue
 from selftimed import Tally, arguments
 
 
-async def consume(url: str, queue_name: str, count: int, prefetch: int, stall: float) -> None:
+async def consume(
+    url: str, queue_name: str, count: int, prefetch: int, stall: float, *, queue_type: str
+) -> None:
     tally = Tally(count)
     broker = RabbitBroker(
         url,
@@ -32,7 +34,7 @@ async def consume(url: str, queue_name: str, count: int, prefetch: int, stall: f
         logger=None,
         on_close=[tally.connection_closed],
     )
-    queue = RabbitQueue(queue_name, queue_type=QueueType.QUORUM, durable=True, declare=False)
+    queue = RabbitQueue(queue_name, queue_type=QueueType(queue_type), durable=True, declare=False)
 
     @broker.subscriber(queue, no_reply=True)
     async def noop(body: dict[str, Any]) -> None:  # noqa: ARG001 -- a no-op
@@ -49,7 +51,11 @@ async def consume(url: str, queue_name: str, count: int, prefetch: int, stall: f
 
 def main() -> None:
     args = arguments(__doc__)
-    uvloop.run(consume(args.url, args.queue, args.count, args.prefetch, args.stall))
+    uvloop.run(
+        consume(
+            args.url, args.queue, args.count, args.prefetch, args.stall, queue_type=args.queue_type
+        )
+    )
 
 
 if __name__ == "__main__":

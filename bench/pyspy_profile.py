@@ -2,6 +2,7 @@
 
 Usage: .venv/bin/python bench/pyspy_profile.py [--messages 50000] [--seconds 8] [--top 15]
            [--handler bench_handlers:noop] [--db sqlite|postgresql] [--concurrency 32]
+           [--prefetch 64] [--queue-type quorum|classic]
 
 Pre-fills a fresh queue (as bench/run.py does), starts mayhem on it, and once the first
 message is acked samples it with py-spy (``.venv/bin/py-spy record``, all threads, idle
@@ -21,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -90,6 +92,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--prefetch", type=int, default=64)
+    parser.add_argument("--queue-type", choices=("quorum", "classic"), default="quorum")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument(
         "--all-threads",
@@ -106,23 +109,46 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-async def main() -> None:
-    args = parse_args()
+@dataclass(frozen=True)
+class Profiled:
+    """What to profile: the daemon's settings and py-spy's."""
+
+    messages: int = 50_000
+    seconds: float = 8
+    top: int = 15
+    handler: str = "bench_handlers:noop"
+    db: str = "sqlite"
+    concurrency: int = 32
+    prefetch: int = 64
+    queue_type: str = "quorum"
+    rate: int = 250
+    all_threads: bool = False
+    native: bool = False
+    keep: Path | None = None
+
+
+async def profile(what: Profiled) -> str:
+    """Pre-fill, start mayhem, sample it with py-spy; the summary as text.
+
+    Raises:
+        SystemExit: py-spy is missing or failed, or the daemon did not report its address.
+    """
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if py_spy is None:
         raise SystemExit("py-spy is not installed (pip install py-spy)")
-    config = bench_config("bench-profile")
+    config = bench_config("bench-profile", queue_type=what.queue_type)
     with tempfile.TemporaryDirectory(prefix="mayhem-profile-") as tmp:
-        async with topology(config) as connection, contextlib_schema(args.db) as pg_url:
+        async with topology(config) as connection, contextlib_schema(what.db) as pg_url:
             db_url = pg_url or f"sqlite:///{Path(tmp) / 'profile.db'}"
-            say(f"pre-filling {args.messages:,} messages")
-            await prefill(connection, config.queue, args.messages)
-            handler = () if args.handler == "demo" else ("--handler", args.handler)
+            say(f"pre-filling {what.messages:,} messages")
+            await prefill(connection, config.queue, what.messages)
+            handler = () if what.handler == "demo" else ("--handler", what.handler)
             daemon = mayhem_daemon(
                 [
                     *("--queue", config.queue, "--exchange", config.exchange),
+                    *("--queue-type", config.queue_type),
                     *handler,
-                    *("--concurrency", str(args.concurrency), "--prefetch", str(args.prefetch)),
+                    *("--concurrency", str(what.concurrency), "--prefetch", str(what.prefetch)),
                     *("--db-url", db_url),
                 ],
                 env={"MAYHEM_DEMO_MAX_DELAY": "0"},
@@ -138,16 +164,16 @@ async def main() -> None:
                     return outcomes(await scrape(addr)).get("acked", 0) > 0
 
                 await wait_until(consuming, timeout=60, interval=0.01)
-                say(f"profiling pid {daemon.pid} for {args.seconds:g} s")
+                say(f"profiling pid {daemon.pid} for {what.seconds:g} s")
                 began = time.monotonic()
                 acked0 = outcomes(await scrape(addr)).get("acked", 0)
                 spy = await asyncio.create_subprocess_exec(
                     py_spy,
                     "record",
-                    *("--pid", str(daemon.pid), "--duration", str(max(1, round(args.seconds)))),
-                    *("--rate", str(args.rate), "--format", "raw", "--output", str(out)),
-                    *(() if args.all_threads else ("--gil",)),
-                    *(("--native",) if args.native else ()),
+                    *("--pid", str(daemon.pid), "--duration", str(max(1, round(what.seconds)))),
+                    *("--rate", str(what.rate), "--format", "raw", "--output", str(out)),
+                    *(() if what.all_threads else ("--gil",)),
+                    *(("--native",) if what.native else ()),
                     stdout=asyncio.subprocess.DEVNULL,
                     stderr=asyncio.subprocess.PIPE,
                 )
@@ -160,22 +186,56 @@ async def main() -> None:
             finally:
                 await daemon.kill()
             raw = out.read_text()
-            if args.keep:
-                args.keep.write_text(raw)
+            if what.keep:
+                what.keep.write_text(raw)
             own, total, samples = tally(raw)
-    print(
-        f"mayhem {args.handler}, {args.db}, concurrency {args.concurrency}, prefetch "
-        f"{args.prefetch}: {samples} samples over {args.seconds:g} s at {args.rate}/s "
-        f"({'all non-idle threads' if args.all_threads else 'the thread holding the GIL'}); "
+    head = (
+        f"mayhem {what.handler}, {what.db}, {what.queue_type} queue, concurrency "
+        f"{what.concurrency}, prefetch {what.prefetch}: {samples} samples over "
+        f"{what.seconds:g} s at {what.rate}/s "
+        f"({'all non-idle threads' if what.all_threads else 'the thread holding the GIL'}); "
         f"{rate:,.0f} msg/s while sampled"
     )
+    lines = [
+        head,
+        (
+            f"{samples / (what.seconds * what.rate):.0%} of the possible samples were taken "
+            "(py-spy leaves out idle threads; with --gil, below 100 % means the process "
+            "waited the rest of the time: on I/O, or for a core)"
+        ),
+    ]
     # The frames under everything (runpy, cli, run_daemon, the loop's run) say nothing.
     roots = {frame for frame, count in total.items() if count >= ROOT_SHARE * samples}
     inner = collections.Counter({f: c for f, c in total.items() if f not in roots})
     for title, counter in (("own time", own), ("total (on the stack)", inner)):
-        print(f"\ntop {args.top} by {title}:")
-        for frame, count in counter.most_common(args.top):
-            print(f"{100 * count / samples:6.1f}%  {frame}")
+        lines.append(f"\ntop {what.top} by {title}:")
+        lines += [
+            f"{100 * count / samples:6.1f}%  {frame}"
+            for frame, count in counter.most_common(what.top)
+        ]
+    return "\n".join(lines)
+
+
+async def main() -> None:
+    args = parse_args()
+    print(
+        await profile(
+            Profiled(
+                messages=args.messages,
+                seconds=args.seconds,
+                top=args.top,
+                handler=args.handler,
+                db=args.db,
+                concurrency=args.concurrency,
+                prefetch=args.prefetch,
+                queue_type=args.queue_type,
+                rate=args.rate,
+                all_threads=args.all_threads,
+                native=args.native,
+                keep=args.keep,
+            )
+        )
+    )
 
 
 def contextlib_schema(db: str) -> AbstractAsyncContextManager[str | None]:

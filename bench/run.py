@@ -1,19 +1,26 @@
-"""mayhem's benchmark suite: consume throughput against raw aio-pika and FastStream, and more.
+"""mayhem's benchmark suite: every contender at its best, the ceiling, scale-out, memory, stop.
 
-Usage: .venv/bin/python bench/run.py [--messages 50000] [--rounds 3] [--quick]
+Usage: .venv/bin/python bench/run.py [--messages 20000] [--rounds 3] [--quick] [--large]
 
-In one run, with every contender in its own process consuming a queue pre-filled with
-publisher confirms and declared as mayhem declares it (quorum by default, durable, 200-byte
-persistent JSON messages with unique ids, manual acks, the same prefetch for all):
+In one run, each contender in its own process consuming a queue pre-filled with publisher
+confirms and declared as mayhem declares it (durable, 200-byte persistent JSON messages with
+unique ids, manual acks):
 
-1. throughput, first message to last, in alternating rounds (A B C D E, A B C D E, ...):
-   raw aio-pika (ack per message), mayhem with a no-op handler (inbox on SQLite, metrics,
-   health endpoint, shutdown machinery all on), mayhem's demo handler through the inbox on
-   SQLite and on PostgreSQL, and FastStream's RabbitMQ subscriber with a no-op handler; with
-   the CPU time each process spends per message;
-2. time from SIGTERM to exit with messages queued and a full window of handlers in flight;
-3. mayhem's peak RSS as the backlog grows (10,000 then 100,000 messages);
-4. mayhem's throughput at concurrency 1, 8, 64 and 256.
+1. throughput, first message to last, on a quorum and on a classic queue, each contender at
+   prefetch 64, 256 and 1024 (its best is reported), in alternating rounds: the ceiling (a
+   bare pamqp protocol acking once per socket read, ``multiple=True``), raw aio-pika (an ack
+   per message), FastStream, mayhem with a no-op handler and mayhem's demo handler through
+   the PostgreSQL inbox; with the CPU time per message of the consumer process and of the
+   broker (beam.smp) over the same window;
+2. scale-out: 1, 2 and 4 mayhem daemons (demo handler, one shared PostgreSQL schema) on one
+   queue of each type;
+3. time from SIGTERM to exit of 3 daemons with their windows full and thousands queued;
+4. mayhem's peak RSS as the backlog grows (10,000 and 100,000; with --large also 1,000,000);
+5. when a goal is not met, a py-spy profile of the contender that missed it.
+
+A default run takes about 20 minutes on a quiet 2-core machine (90 throughput runs: 2 queue
+types x 3 prefetches x 5 contenders x 3 rounds), --large about 6 more, --quick about 3.
+Run it on a quiet machine: other work shows up as noise, chiefly in the broker's CPU.
 
 Progress goes to stderr, the results to stdout and bench/RESULTS.md (overwritten).
 FastStream runs in its own virtualenv, bench/.venv-faststream, created on the first run.
@@ -48,6 +55,7 @@ from common import (
     PG_URL,
     ROOT,
     bench_config,
+    broker_pid,
     cpu_seconds,
     mayhem_daemon,
     outcomes,
@@ -58,7 +66,8 @@ from common import (
     status_kb,
     topology,
 )
-from mayhem_testing import pg_schema
+from mayhem_testing import pg_schema, rows
+from pyspy_profile import Profiled, profile
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -75,25 +84,53 @@ STALL: Final = 30.0  # seconds without progress after which a run is abandoned
 SCRAPE_COARSE: Final = 0.25  # longest pause between two /metrics polls of a daemon
 SCRAPE_FINE: Final = 0.005  # shortest pause, near the first and the last message
 RSS_FLAT: Final = 1.10  # "flat": peak RSS at the big backlog at most 10 % above the small one
+CLIENT_BOUND: Final = 0.9  # a consumer busier than this share of one core is its own limit
+BROKER_BOUND: Final = 0.9  # a consumer this close to the ceiling is held back by the broker
+NOOP_CONCURRENCY_CAP: Final = 256
+# The PostgreSQL pool is as large as the concurrency, and the server takes 100 connections.
+PG_CONCURRENCY_CAP: Final = 32
+SCALE_CONCURRENCY: Final = 16  # per daemon in the scale-out: 4 x 16 pool connections
+SCALE_PREFETCH: Final = 128
+SHUTDOWN_DAEMONS: Final = 3
 
-RAW, NOOP, DEMO_SQLITE, DEMO_PG, FASTSTREAM = (
+CEILING, RAW, FASTSTREAM, NOOP, DEMO_PG = (
+    "ceiling (bare pamqp protocol)",
     "raw aio-pika",
-    "mayhem no-op",
-    "mayhem demo, SQLite inbox",
-    "mayhem demo, PostgreSQL inbox",
     "FastStream no-op",
+    "mayhem no-op",
+    "mayhem demo, PostgreSQL inbox",
 )
-CONTENDERS: Final = (RAW, NOOP, DEMO_SQLITE, DEMO_PG, FASTSTREAM)
+CONTENDERS: Final = (CEILING, RAW, FASTSTREAM, NOOP, DEMO_PG)
+SHORT: Final = dict(
+    zip(("ceiling", "raw", "faststream", "noop", "demo-pg"), CONTENDERS, strict=True)
+)
+SCRIPTS: Final = {
+    CEILING: "consumer_ceiling.py",
+    RAW: "consumer_aiopika.py",
+    FASTSTREAM: "consumer_faststream.py",
+}
 T = TypeVar("T")
+
+
+def mayhem_concurrency(name: str, prefetch: int) -> int:
+    """Mayhem's ``--concurrency`` at a prefetch: half the window, capped.
+
+    Half, so that a window's worth of deliveries is always buffered behind the busy workers;
+    capped at 256 for the no-op (more tasks only cost switching) and at 32 for the demo on
+    PostgreSQL (one pool connection per worker; the server allows 100 in all).
+    """
+    cap = PG_CONCURRENCY_CAP if name == DEMO_PG else NOOP_CONCURRENCY_CAP
+    return max(1, min(prefetch // 2, cap))
 
 
 @dataclass
 class Sample:
-    """One consume run: how many messages over how long, and the consumer's CPU time."""
+    """One consume run: how many messages over how long, and the CPU time it took."""
 
     count: int
     seconds: float
     cpu_seconds: float
+    broker_cpu_seconds: float = 0.0
     prefill_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -107,10 +144,25 @@ class Sample:
         """The consumer's CPU microseconds per message."""
         return self.cpu_seconds / self.count * 1e6
 
+    @property
+    def broker_us(self) -> float:
+        """The broker's CPU microseconds per message."""
+        return self.broker_cpu_seconds / self.count * 1e6
+
+    @property
+    def busy(self) -> float:
+        """The consumer's CPU time over the wall time: cores it kept busy."""
+        return self.cpu_seconds / self.seconds
+
+    @property
+    def broker_busy(self) -> float:
+        """The broker's CPU time over the wall time: cores it kept busy."""
+        return self.broker_cpu_seconds / self.seconds
+
 
 @dataclass
 class Tally:
-    """A contender's samples and failures over the rounds."""
+    """A contender's samples and failures over the rounds, at one setting."""
 
     samples: list[Sample] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -121,10 +173,13 @@ class Tally:
         return statistics.median(values) if values else None
 
 
+# (queue type, contender, prefetch) -> its runs
+Key = tuple[str, str, int]
+Tallies = dict[Key, Tally]
 # A part of the suite's results, or why it has none.
 SigtermResult = list[tuple[float, float]] | str
 RssResult = list[tuple[int, Sample]] | str
-CurveResult = list[tuple[int, Sample | str]] | str
+ScaleResult = list[tuple[str, int, Sample | str]] | str
 
 
 class DisturbedError(RuntimeError):
@@ -134,13 +189,17 @@ class DisturbedError(RuntimeError):
 # -- the contenders --------------------------------------------------------------------------
 
 
-async def run_script(python: Path, script: str, config: Config, n: int, prefetch: int) -> Sample:
+async def run_script(
+    args: argparse.Namespace, name: str, config: Config, n: int, prefetch: int
+) -> Sample:
     """A consumer script that measures itself and prints one JSON line."""
+    python = args.faststream_python if name == FASTSTREAM else Path(sys.executable)
     proc = await asyncio.create_subprocess_exec(
         str(python),
-        str(HERE / script),
+        str(HERE / SCRIPTS[name]),
         *("--url", AMQP_URL, "--queue", config.queue, "--count", str(n)),
         *("--prefetch", str(prefetch), "--stall", str(STALL)),
+        *("--queue-type", config.queue_type, "--broker-pid", str(args.broker_pid or 0)),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
@@ -153,61 +212,76 @@ async def run_script(python: Path, script: str, config: Config, n: int, prefetch
             await proc.wait()
     if proc.returncode != 0:
         tail = err.decode(errors="replace").strip().splitlines()[-3:]
-        raise RuntimeError(f"{script} exited {proc.returncode}: {' | '.join(tail)}")
+        raise RuntimeError(f"{SCRIPTS[name]} exited {proc.returncode}: {' | '.join(tail)}")
     result = json.loads(out.decode().strip().splitlines()[-1])
     # Intervals between the first and the last message: count - 1 of them.
     return Sample(
         count=result["count"] - 1,
         seconds=result["seconds"],
         cpu_seconds=result["cpu_seconds"],
+        broker_cpu_seconds=result.get("broker_cpu_seconds", 0.0),
         extra={"maxrss_kb": result["maxrss_kb"]},
     )
 
 
 @dataclass
 class Reading:
-    """One poll of a daemon: when, how many acked, its CPU time so far, every outcome."""
+    """One poll of daemons: when, how many acked, their CPU time and the broker's so far."""
 
     at: float
     acked: int
     cpu: float
+    broker_cpu: float
     counts: dict[str, int]
+    each: list[int] = field(default_factory=list)
 
 
 class Watcher:
-    """Polls one daemon's /metrics and /proc entries.
+    """Polls daemons' /metrics and /proc entries (one daemon, or several on one queue).
 
     Args:
-        daemon: a started daemon.
+        daemons: started daemons.
+        broker: the broker's pid, or ``None`` when it was not found.
     """
 
-    def __init__(self, daemon: DaemonProcess) -> None:
-        if daemon.metrics_addr is None:
-            raise RuntimeError("the daemon did not report its metrics address")
-        self.pid, self.addr = daemon.pid, daemon.metrics_addr
+    def __init__(self, daemons: list[DaemonProcess], broker: int | None) -> None:
+        self.targets = []
+        for daemon in daemons:
+            if daemon.metrics_addr is None:
+                raise RuntimeError("the daemon did not report its metrics address")
+            self.targets.append((daemon.pid, daemon.metrics_addr))
+        self.broker = broker
         self.scrapes = 0
         self.rss_max_kb = 0
 
     async def read(self) -> Reading:
-        """Scrape once; the time is the middle of the request."""
+        """Scrape each daemon once; the time is the middle of the requests."""
         before = time.monotonic()
-        samples = await scrape(self.addr)
+        scraped = await asyncio.gather(*(scrape(addr) for _, addr in self.targets))
         after = time.monotonic()
         self.scrapes += 1
-        if samples.get("mayhem_broker_reconnects_total", 0) > 0:
-            raise DisturbedError("mayhem's broker connection dropped and was re-established")
-        if samples.get("mayhem_database_outages_total", 0) > 0:
-            raise DisturbedError("mayhem's database went away during the run")
-        self.rss_max_kb = max(self.rss_max_kb, status_kb(self.pid, "VmRSS"))
-        counts = outcomes(samples)
-        return Reading((before + after) / 2, counts.get("acked", 0), cpu_seconds(self.pid), counts)
+        total: dict[str, int] = {}
+        each, cpu = [], 0.0
+        for (pid, _), samples in zip(self.targets, scraped, strict=True):
+            if samples.get("mayhem_broker_reconnects_total", 0) > 0:
+                raise DisturbedError("mayhem's broker connection dropped and was re-established")
+            if samples.get("mayhem_database_outages_total", 0) > 0:
+                raise DisturbedError("mayhem's database went away during the run")
+            self.rss_max_kb = max(self.rss_max_kb, status_kb(pid, "VmRSS"))
+            counts = outcomes(samples)
+            for key, value in counts.items():
+                total[key] = total.get(key, 0) + value
+            each.append(counts.get("acked", 0))
+            cpu += cpu_seconds(pid)
+        broker = cpu_seconds(self.broker) if self.broker else 0.0
+        return Reading((before + after) / 2, sum(each), cpu, broker, total, each)
 
     async def first(self) -> Reading:
-        """The first reading with a message acked, polled finely."""
+        """The first reading with a message acked by every daemon, polled finely."""
         began = time.monotonic()
-        while (reading := await self.read()).acked == 0:
+        while not all((reading := await self.read()).each):
             if time.monotonic() - began > STALL:
-                raise RuntimeError(f"no message acked within {STALL:g} s: {reading.counts}")
+                raise RuntimeError(f"not every daemon acked within {STALL:g} s: {reading.each}")
             await asyncio.sleep(SCRAPE_FINE)
         return reading
 
@@ -225,52 +299,57 @@ class Watcher:
         return reading
 
 
-async def follow_daemon(daemon: DaemonProcess, n: int) -> Sample:
-    """Watch a daemon consume ``n`` messages, from outside; then stop it.
+async def follow_daemons(daemons: list[DaemonProcess], n: int, broker: int | None) -> Sample:
+    """Watch daemons consume ``n`` messages from one queue, from outside; then stop them.
 
-    mayhem's ``mayhem_messages_total{outcome="acked"}`` is polled on /metrics, finely (every
-    5 ms) until the first reading above zero and again as the end nears, coarsely (every
-    250 ms) in between so the polling costs the daemon little. The rate is the messages
-    acked between the first non-zero reading and the reading that reaches ``n``, over the
-    time between them; the CPU time (utime + stime of all its threads, /proc/<pid>/stat)
-    is read at the same two moments.
+    Each daemon's ``mayhem_messages_total{outcome="acked"}`` is polled on /metrics, finely
+    (every 5 ms) until every daemon has acked a message and again as the end nears, coarsely
+    (every 250 ms) in between so the polling costs the daemons little. The rate is the
+    messages acked between the first reading where all daemons are consuming and the reading
+    that reaches ``n``, over the time between them; the CPU times (utime + stime of all
+    threads, /proc/<pid>/stat; the daemons' summed, and the broker's) are read at the same
+    two moments.
     """
-    watcher = Watcher(daemon)
+    watcher = Watcher(daemons, broker)
     first = await watcher.first()
     last = await watcher.last(first, n)
-    hwm = status_kb(daemon.pid, "VmHWM")
-    code = await daemon.stop(timeout=120)
-    if code != 0:
-        raise RuntimeError(f"mayhem exited {code} after the run")
+    hwm = max(status_kb(daemon.pid, "VmHWM") for daemon in daemons)
+    codes = await asyncio.gather(*(daemon.stop(timeout=120) for daemon in daemons))
+    if any(codes):
+        raise RuntimeError(f"mayhem exited {codes} after the run")
     return Sample(
         count=last.acked - first.acked,
         seconds=last.at - first.at,
         cpu_seconds=last.cpu - first.cpu,
+        broker_cpu_seconds=last.broker_cpu - first.broker_cpu,
         extra={
             "hwm_kb": hwm,
             "rss_max_kb": watcher.rss_max_kb,
             "scrapes": watcher.scrapes,
             "acked_at_first_reading": first.acked,
+            "acked_each": last.each,
             "other_outcomes": {k: v for k, v in last.counts.items() if k != "acked" and v},
         },
     )
 
 
-async def run_mayhem(
-    args: argparse.Namespace,
-    n: int,
-    *,
-    concurrency: int,
-    prefetch: int,
-    handler: str | None,
-    db: str,
-    env: dict[str, str] | None = None,
-) -> Sample:
-    """Pre-fill a fresh queue with ``n`` messages, then let a mayhem daemon consume them."""
-    config = bench_config("bench-mayhem", queue_type=args.queue_type)
+@dataclass(frozen=True)
+class Setting:
+    """How mayhem runs: handler (``None``: the demo), database, concurrency, prefetch, daemons."""
+
+    handler: str | None
+    db: str
+    concurrency: int
+    prefetch: int
+    daemons: int = 1
+
+
+async def run_mayhem(args: argparse.Namespace, n: int, queue_type: str, setting: Setting) -> Sample:
+    """Pre-fill a fresh queue with ``n`` messages, then let mayhem daemons consume them."""
+    config = bench_config("bench-mayhem", queue_type=queue_type)
     async with contextlib.AsyncExitStack() as stack:
         connection = await stack.enter_async_context(topology(config))
-        if db == "postgresql":
+        if setting.db == "postgresql":
             db_url = await stack.enter_async_context(pg_schema(PG_URL, "bench"))
         else:
             path = args.tmp / (config.queue + ".db")
@@ -280,25 +359,34 @@ async def run_mayhem(
         took = await prefill(connection, config.queue, n)
         await asyncio.sleep(SETTLE)
         source = source_digest()
-        daemon = mayhem_daemon(
-            [
-                *("--queue", config.queue, "--exchange", config.exchange),
-                *("--queue-type", config.queue_type),
-                *(("--handler", handler) if handler else ()),
-                *("--concurrency", str(concurrency), "--prefetch", str(prefetch)),
-                *("--db-url", db_url),
-            ],
-            env=env,
-        )
+        daemons = [
+            mayhem_daemon(
+                [
+                    *("--queue", config.queue, "--exchange", config.exchange),
+                    *("--queue-type", config.queue_type),
+                    *(("--handler", setting.handler) if setting.handler else ()),
+                    *("--concurrency", str(setting.concurrency)),
+                    *("--prefetch", str(setting.prefetch)),
+                    *("--db-url", db_url),
+                ],
+                env=None if setting.handler else {"MAYHEM_DEMO_MAX_DELAY": "0"},
+            )
+            for _ in range(setting.daemons)
+        ]
         try:
             try:
-                await daemon.start()
+                await asyncio.gather(*(daemon.start() for daemon in daemons))
             except (TimeoutError, EOFError) as exc:
-                tail = " | ".join(daemon.raw[-3:]) or "no output"
+                tail = " | ".join(daemons[0].raw[-3:]) or "no output"
                 raise RuntimeError(f"mayhem did not start ({type(exc).__name__}): {tail}") from None
-            sample = await follow_daemon(daemon, n)
+            sample = await follow_daemons(daemons, n, args.broker_pid)
         finally:
-            await daemon.kill()
+            for daemon in daemons:
+                await daemon.kill()
+        if setting.handler is None:
+            # The demo's effects: one row per message, never two (the inbox is shared).
+            found = await rows(db_url, "SELECT count(*), count(DISTINCT message_id) FROM restarts")
+            sample.extra["effects"], sample.extra["distinct_effects"] = found[0]
         sample.prefill_seconds = took
         sample.extra["source"] = source
         return sample
@@ -313,37 +401,23 @@ def source_digest() -> str:
     return digest.hexdigest()[:12]
 
 
-async def run_contender(args: argparse.Namespace, name: str, n: int) -> Sample:
-    if name == NOOP:
-        return await run_mayhem(
-            args,
-            n,
-            concurrency=args.concurrency,
-            prefetch=args.prefetch,
-            handler="bench_handlers:noop",
-            db="sqlite",
+async def run_contender(
+    args: argparse.Namespace, name: str, n: int, queue_type: str, prefetch: int
+) -> Sample:
+    """One run of a contender on a fresh queue of ``n`` messages."""
+    if name in {NOOP, DEMO_PG}:
+        setting = Setting(
+            handler="bench_handlers:noop" if name == NOOP else None,
+            db="sqlite" if name == NOOP else "postgresql",
+            concurrency=mayhem_concurrency(name, prefetch),
+            prefetch=prefetch,
         )
-    if name in {DEMO_SQLITE, DEMO_PG}:
-        return await run_mayhem(
-            args,
-            n,
-            concurrency=args.concurrency,
-            prefetch=args.prefetch,
-            handler=None,
-            db="postgresql" if name == DEMO_PG else "sqlite",
-            env={"MAYHEM_DEMO_MAX_DELAY": "0"},
-        )
-    python, script = (
-        (Path(sys.executable), "consumer_aiopika.py")
-        if name == RAW
-        else (args.faststream_python, "consumer_faststream.py")
-    )
-    prefix = "bench-raw" if name == RAW else "bench-faststream"
-    config = bench_config(prefix, queue_type=args.queue_type)
+        return await run_mayhem(args, n, queue_type, setting)
+    config = bench_config("bench-self", queue_type=queue_type)
     async with topology(config) as connection:
         took = await prefill(connection, config.queue, n)
         await asyncio.sleep(SETTLE)
-        sample = await run_script(python, script, config, n, args.prefetch)
+        sample = await run_script(args, name, config, n, prefetch)
         sample.prefill_seconds = took
         return sample
 
@@ -406,28 +480,156 @@ def versions(python: Path | None, names: tuple[str, ...]) -> dict[str, str]:
 # -- the parts of a run ----------------------------------------------------------------------
 
 
-async def throughput(args: argparse.Namespace) -> dict[str, Tally]:
-    tallies = {name: Tally() for name in CONTENDERS}
-    if args.faststream_python is None:
-        tallies[FASTSTREAM].failures.append(f"not measured: {args.faststream_missing}")
+def rotated(items: tuple[str, ...], by: int) -> tuple[str, ...]:
+    """``items`` starting at ``by``: each round puts another contender first."""
+    by %= len(items) or 1
+    return items[by:] + items[:by]
+
+
+async def throughput(args: argparse.Namespace) -> Tallies:
+    tallies: Tallies = {
+        (q, name, p): Tally()
+        for q in args.queue_types
+        for name in args.contenders
+        for p in args.prefetches
+    }
     for round_ in range(1, args.rounds + 1):
-        for name in args.contenders:
-            if name == FASTSTREAM and args.faststream_python is None:
-                continue
-            say(f"round {round_}/{args.rounds}: {name}, {args.messages} messages")
+        for queue_type in args.queue_types:
+            for prefetch in args.prefetches:
+                for name in rotated(args.contenders, round_ - 1):
+                    key = (queue_type, name, prefetch)
+                    if name == FASTSTREAM and args.faststream_python is None:
+                        if not tallies[key].failures:
+                            tallies[key].failures.append(args.faststream_missing)
+                        continue
+                    say(
+                        f"round {round_}/{args.rounds}, {queue_type}, prefetch {prefetch}: "
+                        f"{name}, {args.messages:,} messages"
+                    )
+                    try:
+                        sample = await measure(
+                            args,
+                            f"round {round_}, {queue_type}, prefetch {prefetch}, {name}",
+                            lambda k=key: run_contender(args, k[1], args.messages, k[0], k[2]),
+                        )
+                    except Exception as exc:
+                        say(f"  failed: {why(exc)}")
+                        tallies[key].failures.append(f"round {round_}: {why(exc)}")
+                        continue
+                    tallies[key].samples.append(sample)
+                    say(f"  {summary(sample)}{details(sample)}")
+    return tallies
+
+
+def summary(sample: Sample) -> str:
+    return (
+        f"{sample.rate:,.0f} msg/s, {sample.cpu_us:.0f} µs CPU/message "
+        f"({sample.busy:.2f} cores), broker {sample.broker_us:.0f} µs/message "
+        f"({sample.broker_busy:.2f} cores)"
+    )
+
+
+def best(tallies: Tallies, queue_type: str, name: str) -> tuple[int, Tally] | None:
+    """A contender's best prefetch on a queue type (highest median msg/s), and its runs."""
+    found = [
+        (tally.median("rate") or 0.0, prefetch, tally)
+        for (q, n, prefetch), tally in tallies.items()
+        if q == queue_type and n == name and tally.samples
+    ]
+    if not found:
+        return None
+    _, prefetch, tally = max(found, key=lambda item: item[0])
+    return prefetch, tally
+
+
+async def scale_out(args: argparse.Namespace) -> list[tuple[str, int, Sample | str]]:
+    found: list[tuple[str, int, Sample | str]] = []
+    for queue_type in args.queue_types:
+        for daemons in args.scale_daemons:
+            say(
+                f"scale-out: {daemons} daemon(s), demo handler on one PostgreSQL schema, "
+                f"{queue_type} queue, {args.messages:,} messages"
+            )
+            setting = Setting(
+                handler=None,
+                db="postgresql",
+                concurrency=SCALE_CONCURRENCY,
+                prefetch=SCALE_PREFETCH,
+                daemons=daemons,
+            )
             try:
                 sample = await measure(
                     args,
-                    f"round {round_}, {name}",
-                    lambda name=name: run_contender(args, name, args.messages),
+                    f"scale-out, {daemons} daemons, {queue_type}",
+                    lambda q=queue_type, s=setting: run_mayhem(args, args.messages, q, s),
                 )
             except Exception as exc:
                 say(f"  failed: {why(exc)}")
-                tallies[name].failures.append(f"round {round_}: {why(exc)}")
+                found.append((queue_type, daemons, f"failed: {why(exc)}"))
                 continue
-            tallies[name].samples.append(sample)
-            say(f"  {sample.rate:,.0f} msg/s, {sample.cpu_us:.0f} µs CPU/message{details(sample)}")
-    return tallies
+            say(f"  {summary(sample)}{details(sample)}")
+            found.append((queue_type, daemons, sample))
+    return found
+
+
+async def shutdown_timing(args: argparse.Namespace) -> list[tuple[float, float]]:
+    runs = []
+    for i in range(1, args.sigterm_rounds + 1):
+        say(
+            f"SIGTERM to exit {i}/{args.sigterm_rounds}: {SHUTDOWN_DAEMONS} daemons, "
+            f"{args.sigterm_queued} queued, {args.sigterm_concurrency} in flight each, "
+            f"handler {args.handler_delay:g} s"
+        )
+        took, drain = await sigterm_to_exit(
+            args.sigterm_queued,
+            args.sigterm_concurrency,
+            args.handler_delay,
+            args.tmp,
+            daemons=SHUTDOWN_DAEMONS,
+        )
+        say(f"  {took:.3f} s (longest drain {drain:.3f} s)")
+        runs.append((took, drain))
+    return runs
+
+
+async def rss_growth(args: argparse.Namespace) -> list[tuple[int, Sample]]:
+    found = []
+    setting = Setting("bench_handlers:noop", "sqlite", args.rss_prefetch // 2, args.rss_prefetch)
+    for backlog in args.rss_backlogs:
+        say(f"peak RSS: mayhem no-op against a backlog of {backlog:,} messages")
+        sample = await measure(
+            args,
+            f"peak RSS, backlog {backlog:,}",
+            lambda backlog=backlog: run_mayhem(args, backlog, "quorum", setting),
+        )
+        say(
+            f"  VmHWM {sample.extra['hwm_kb'] / 1024:.1f} MiB, {sample.rate:,.0f} msg/s"
+            f"{details(sample)}"
+        )
+        found.append((backlog, sample))
+    return found
+
+
+async def profiles(args: argparse.Namespace, missed: list[tuple[str, str, int]]) -> list[str]:
+    """A py-spy profile of each contender that missed a goal, at its best setting."""
+    out: list[str] = []
+    for name, queue_type, prefetch in missed:
+        what = Profiled(
+            messages=args.profile_messages,
+            seconds=args.profile_seconds,
+            handler="bench_handlers:noop" if name == NOOP else "demo",
+            db="sqlite" if name == NOOP else "postgresql",
+            concurrency=mayhem_concurrency(name, prefetch),
+            prefetch=prefetch,
+            queue_type=queue_type,
+        )
+        say(f"profiling {name} on a {queue_type} queue at prefetch {prefetch} (a goal missed)")
+        try:
+            text = await profile(what)
+        except (Exception, SystemExit) as exc:
+            text = f"not profiled: {why(exc)}"
+        out += [f"### {name}, {queue_type} queue, prefetch {prefetch}", "", "```", text, "```", ""]
+    return out
 
 
 async def broker_ready(timeout: float = 120) -> None:
@@ -466,76 +668,11 @@ def details(sample: Sample) -> str:
             f"; {sample.extra['acked_at_first_reading']} acked at the first reading, "
             f"{sample.extra['scrapes']} scrapes"
         )
-    if "source" in sample.extra:
-        text += f"; mayhem source {sample.extra['source']}"
+    if "effects" in sample.extra:
+        text += f"; {sample.extra['effects']} effects"
     if sample.extra.get("other_outcomes"):
         text += f"; other outcomes: {sample.extra['other_outcomes']}"
     return text + ")"
-
-
-async def shutdown_timing(args: argparse.Namespace) -> list[tuple[float, float]]:
-    runs = []
-    for i in range(1, args.rounds + 1):
-        say(
-            f"SIGTERM to exit {i}/{args.rounds}: {args.sigterm_queued} queued, "
-            f"{args.sigterm_concurrency} in flight, handler {args.handler_delay:g} s"
-        )
-        took, drain = await sigterm_to_exit(
-            args.sigterm_queued, args.sigterm_concurrency, args.handler_delay, args.tmp
-        )
-        say(f"  {took:.3f} s (drain {drain:.3f} s)")
-        runs.append((took, drain))
-    return runs
-
-
-async def rss_growth(args: argparse.Namespace) -> list[tuple[int, Sample]]:
-    found = []
-    for backlog in args.rss_backlogs:
-        say(f"peak RSS: mayhem no-op against a backlog of {backlog:,} messages")
-        sample = await measure(
-            args,
-            f"peak RSS, backlog {backlog:,}",
-            lambda backlog=backlog: run_mayhem(
-                args,
-                backlog,
-                concurrency=args.concurrency,
-                prefetch=args.prefetch,
-                handler="bench_handlers:noop",
-                db="sqlite",
-            ),
-        )
-        say(
-            f"  VmHWM {sample.extra['hwm_kb'] / 1024:.1f} MiB, {sample.rate:,.0f} msg/s"
-            f"{details(sample)}"
-        )
-        found.append((backlog, sample))
-    return found
-
-
-async def scaling(args: argparse.Namespace) -> list[tuple[int, Sample | str]]:
-    found: list[tuple[int, Sample | str]] = []
-    for concurrency in args.scaling:
-        say(f"scaling: mayhem no-op at concurrency {concurrency}, {args.scaling_messages} messages")
-        try:
-            sample = await measure(
-                args,
-                f"scaling, concurrency {concurrency}",
-                lambda concurrency=concurrency: run_mayhem(
-                    args,
-                    args.scaling_messages,
-                    concurrency=concurrency,
-                    prefetch=2 * concurrency,
-                    handler="bench_handlers:noop",
-                    db="sqlite",
-                ),
-            )
-        except Exception as exc:
-            say(f"  failed: {why(exc)}")
-            found.append((concurrency, f"failed: {why(exc)}"))
-            continue
-        say(f"  {sample.rate:,.0f} msg/s, {sample.cpu_us:.0f} µs CPU/message{details(sample)}")
-        found.append((concurrency, sample))
-    return found
 
 
 async def guarded(what: str, part: Callable[[], Awaitable[T]]) -> T | str:
@@ -545,73 +682,6 @@ async def guarded(what: str, part: Callable[[], Awaitable[T]]) -> T | str:
     except Exception as exc:
         say(f"{what} failed: {why(exc)}")
         return f"failed: {why(exc)}"
-
-
-# -- the report ------------------------------------------------------------------------------
-
-
-def fmt(value: float | None, spec: str = ",.0f") -> str:
-    """A number for the report; a ``.2f`` one is a ratio and gets its ``x``."""
-    if value is None:
-        return "n/a"
-    return format(value, spec) + ("x" if spec == ".2f" else "")
-
-
-def why(exc: BaseException) -> str:
-    """An exception on one line, its type always named."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def goal(met: bool | None) -> str:
-    return "not measured" if met is None else ("**met**" if met else "**not met**")
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else a / b
-
-
-def throughput_table(args: argparse.Namespace, tallies: dict[str, Tally]) -> list[str]:
-    raw_rate, raw_cpu = tallies[RAW].median("rate"), tallies[RAW].median("cpu_us")
-    lines = [
-        (
-            "| contender | median msg/s | min | max | ratio to raw aio-pika "
-            "| CPU µs/message (median) | CPU ratio to raw | runs |"
-        ),
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name in CONTENDERS:
-        tally = tallies[name]
-        rates = [s.rate for s in tally.samples]
-        if not rates:
-            why = "; ".join(tally.failures) or "no run"
-            lines.append(f"| {name} | {why} | | | | | | 0 |")
-            continue
-        rate, cpu = tally.median("rate"), tally.median("cpu_us")
-        lines.append(
-            f"| {name} | {fmt(rate)} | {fmt(min(rates))} | {fmt(max(rates))} "
-            f"| {fmt(ratio(rate, raw_rate), '.2f')} | {fmt(cpu)} "
-            f"| {fmt(ratio(cpu, raw_cpu), '.2f')} | {len(rates)}/{args.rounds} |"
-        )
-    scrapes = [
-        s.extra["scrapes"] for t in tallies.values() for s in t.samples if "scrapes" in s.extra
-    ]
-    if scrapes:
-        lines.append(
-            f"\nmayhem's /metrics was scraped {statistics.median(scrapes):.0f} times per run "
-            "(median); the CPU each scrape costs the daemon is in its CPU per message."
-        )
-    versions = {
-        s.extra["source"] for t in tallies.values() for s in t.samples if "source" in s.extra
-    }
-    if len(versions) > 1:
-        lines.append(
-            f"\n**mayhem's source changed during the rounds** ({len(versions)} versions: "
-            f"{', '.join(sorted(versions))}): its rounds measured different code."
-        )
-    failed = [(n, f) for n in CONTENDERS for f in tallies[n].failures if tallies[n].samples]
-    lines += [f"\nFailed run of {n}: {f}" for n, f in failed]
-    return lines
 
 
 def machine() -> dict[str, str]:
@@ -668,54 +738,228 @@ async def servers() -> dict[str, str]:
     return found
 
 
-def goals_section(
-    args: argparse.Namespace,
-    tallies: dict[str, Tally],
-    sigterm: SigtermResult,
-    rss: RssResult,
-) -> list[str]:
-    raw_rate, raw_cpu = tallies[RAW].median("rate"), tallies[RAW].median("cpu_us")
-    noop_rate, noop_cpu = tallies[NOOP].median("rate"), tallies[NOOP].median("cpu_us")
-    fs_rate = tallies[FASTSTREAM].median("rate")
-    pg_rate = tallies[DEMO_PG].median("rate")
+# -- the report ------------------------------------------------------------------------------
 
-    def at_least(value: float | None, target: float) -> bool | None:
-        return None if value is None else value >= target
 
-    vs_raw, vs_fs, cpu_vs_raw = (
-        ratio(noop_rate, raw_rate),
-        ratio(noop_rate, fs_rate),
-        ratio(noop_cpu, raw_cpu),
-    )
-    pg_vs_raw = ratio(pg_rate, raw_rate)
+def fmt(value: float | None, spec: str = ",.0f") -> str:
+    """A number for the report; a ``.2f`` one is a ratio and gets its ``x``."""
+    if value is None:
+        return "n/a"
+    return format(value, spec) + ("x" if spec == ".2f" else "")
+
+
+def why(exc: BaseException) -> str:
+    """An exception on one line, its type always named."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def goal(met: bool | None) -> str:
+    return "not measured" if met is None else ("**met**" if met else "**not met**")
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def sweep_table(args: argparse.Namespace, tallies: Tallies, queue_type: str) -> list[str]:
     lines = [
-        "| goal | measured | verdict |",
-        "|---|---|---|",
         (
-            f"| mayhem no-op >= 1.3x raw aio-pika | {fmt(vs_raw, '.2f')} "
-            f"({fmt(noop_rate)} vs {fmt(raw_rate)} msg/s) | {goal(at_least(vs_raw, 1.3))} |"
+            "| contender | prefetch | mayhem concurrency | median msg/s | min | max "
+            "| CPU µs/msg | consumer cores busy | broker CPU µs/msg | broker cores busy | runs |"
         ),
-        (
-            f"| mayhem no-op >= 2.5x FastStream | {fmt(vs_fs, '.2f')} "
-            f"({fmt(noop_rate)} vs {fmt(fs_rate)} msg/s) | {goal(at_least(vs_fs, 2.5))} |"
-        ),
-        (
-            f"| mayhem no-op CPU per message <= 0.8x raw aio-pika's | {fmt(cpu_vs_raw, '.2f')} "
-            f"({fmt(noop_cpu)} vs {fmt(raw_cpu)} µs) "
-            f"| {goal(None if cpu_vs_raw is None else cpu_vs_raw <= 0.8)} |"
-        ),
-        (
-            f"| demo handler, PostgreSQL inbox >= 0.5x raw aio-pika | {fmt(pg_vs_raw, '.2f')} "
-            f"({fmt(pg_rate)} vs {fmt(raw_rate)} msg/s) | {goal(at_least(pg_vs_raw, 0.5))} |"
-        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    for name in args.contenders:
+        for prefetch in args.prefetches:
+            tally = tallies[queue_type, name, prefetch]
+            conc = str(mayhem_concurrency(name, prefetch)) if name in {NOOP, DEMO_PG} else ""
+            rates = [s.rate for s in tally.samples]
+            if not rates:
+                reason = "; ".join(tally.failures) or "no run"
+                lines.append(f"| {name} | {prefetch} | {conc} | {reason} | | | | | | | 0 |")
+                continue
+            lines.append(
+                f"| {name} | {prefetch} | {conc} | {fmt(tally.median('rate'))} "
+                f"| {fmt(min(rates))} | {fmt(max(rates))} | {fmt(tally.median('cpu_us'))} "
+                f"| {fmt(tally.median('busy'), '.2f').rstrip('x')} "
+                f"| {fmt(tally.median('broker_us'))} "
+                f"| {fmt(tally.median('broker_busy'), '.2f').rstrip('x')} "
+                f"| {len(rates)}/{args.rounds} |"
+            )
+    failed = [
+        (name, p, f)
+        for (q, name, p), t in tallies.items()
+        if q == queue_type and t.samples
+        for f in t.failures
+    ]
+    lines += [f"\nFailed run of {n} at prefetch {p}: {f}" for n, p, f in failed]
+    return lines
+
+
+def best_table(args: argparse.Namespace, tallies: Tallies, queue_type: str) -> list[str]:
+    raw, ceiling = best(tallies, queue_type, RAW), best(tallies, queue_type, CEILING)
+    raw_rate = raw[1].median("rate") if raw else None
+    raw_cpu = raw[1].median("cpu_us") if raw else None
+    ceiling_rate = ceiling[1].median("rate") if ceiling else None
+    lines = [
+        (
+            "| contender | best prefetch | median msg/s | x best raw aio-pika | x ceiling "
+            "| CPU µs/msg | CPU x raw | broker CPU µs/msg | consumer cores busy | limited by |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name in args.contenders:
+        found = best(tallies, queue_type, name)
+        if found is None:
+            lines.append(f"| {name} | not measured | | | | | | | | |")
+            continue
+        prefetch, tally = found
+        rate, cpu, busy = tally.median("rate"), tally.median("cpu_us"), tally.median("busy")
+        bound = limited_by(rate, busy, ceiling_rate)
+        lines.append(
+            f"| {name} | {prefetch} | {fmt(rate)} | {fmt(ratio(rate, raw_rate), '.2f')} "
+            f"| {fmt(ratio(rate, ceiling_rate), '.2f')} | {fmt(cpu)} "
+            f"| {fmt(ratio(cpu, raw_cpu), '.2f')} | {fmt(tally.median('broker_us'))} "
+            f"| {fmt(busy, '.2f').rstrip('x')} | {bound} |"
+        )
+    return lines
+
+
+def limited_by(rate: float | None, busy: float | None, ceiling_rate: float | None) -> str:
+    """What holds a contender back: the broker, its own CPU, or its own waiting.
+
+    Within 10 % of the ceiling, no client could do better on this broker: the broker is the
+    limit. Below that the client is; one busy near a full core spends its CPU (a Python
+    consumer runs on one thread), one below waits on something of its own making (its inbox
+    commits, its ack round trips, its event loop's scheduling) or for a core.
+    """
+    if rate and ceiling_rate and rate >= BROKER_BOUND * ceiling_rate:
+        return "the broker"
+    if (busy or 0) >= CLIENT_BOUND:
+        return "the client's CPU"
+    return "the client's waits"
+
+
+def limit_text(tallies: Tallies, queue_type: str) -> str:
+    """Says plainly whether the broker or the client limits consumption on this queue type."""
+    raw, ceiling = best(tallies, queue_type, RAW), best(tallies, queue_type, CEILING)
+    if raw is None or ceiling is None:
+        return "Where the limit is: not measured (the ceiling or raw aio-pika has no run)."
+    c = ceiling[1]
+    c_rate, r_rate = c.median("rate") or 0.0, raw[1].median("rate") or 0.0
+    busy, broker_busy = c.median("busy") or 0.0, c.median("broker_busy") or 0.0
+    cores = len(os.sched_getaffinity(0))
+    text = (
+        f"Where the limit is, on a {queue_type} queue: the ceiling reaches {c_rate:,.0f} msg/s, "
+        f"{c_rate / r_rate:.2f}x the best raw aio-pika. At the ceiling the consumer keeps "
+        f"{busy:.2f} of a core busy and the broker {broker_busy:.2f} of the machine's {cores} "
+        f"cores ({c.median('broker_us') or 0:.0f} µs of broker CPU per message): that rate is "
+        "what this broker can deliver, so it bounds every client. "
+    )
+    if r_rate >= BROKER_BOUND * c_rate:
+        text += (
+            "Raw aio-pika is within 10 % of it: **here the broker, not the client, is the "
+            "limit**, and msg/s cannot tell the clients apart; their CPU per message can."
+        )
+    else:
+        text += (
+            "Every contender below 90 % of the ceiling is limited by its own client, not by "
+            "the broker (the `limited by` column)."
+        )
+    if busy + broker_busy >= 0.9 * cores:
+        text += (
+            f" At the ceiling consumer and broker use {busy + broker_busy:.2f} of {cores} "
+            "cores: the machine is saturated, and every CPU µs a client spends is taken "
+            "from the broker."
+        )
+    return text
+
+
+def why_missed(tallies: Tallies, goal_text: str, name: str, queue_type: str, other: str) -> str:
+    """One line on a missed goal: what CPU per message alone allows, and how busy it was."""
+    found, theirs = best(tallies, queue_type, name), best(tallies, queue_type, other)
+    if found is None or theirs is None:
+        return f"- {goal_text}: not enough runs to say."
+    tally, other_tally = found[1], theirs[1]
+    cpu, busy = tally.median("cpu_us") or 0.0, tally.median("busy") or 0.0
+    other_cpu = other_tally.median("cpu_us") or 0.0
+    cap = 1e6 / cpu if cpu else 0.0
+    other_rate = other_tally.median("rate") or 0.0
+    return (
+        f"- {goal_text}: {name} spends {cpu:.0f} µs of CPU per message against {other}'s "
+        f"{other_cpu:.0f} µs; on one core that alone caps it at {cap:,.0f} msg/s "
+        f"({cap / other_rate:.2f}x {other}'s {other_rate:,.0f}) if it never waited. It kept "
+        f"{busy:.2f} of a core busy: "
+        + (
+            "its own CPU is the limit."
+            if busy >= CLIENT_BOUND
+            else f"the other {1 - busy:.0%} of the time it waited (for its database commits, "
+            "the broker, or a core)."
+        )
+    )
+
+
+def goals_section(  # noqa: C901 -- one table, one row per goal
+    args: argparse.Namespace, tallies: Tallies, sigterm: SigtermResult, rss: RssResult
+) -> tuple[list[str], list[tuple[str, str, int]]]:
+    """The goals table, and the (contender, queue type, prefetch) that missed one."""
+    lines = ["| goal | measured | verdict |", "|---|---|---|"]
+    missed: list[tuple[str, str, int]] = []
+    reasons: list[str] = []
+
+    def rate_of(queue_type: str, name: str) -> tuple[float | None, float | None, int]:
+        found = best(tallies, queue_type, name)
+        if found is None:
+            return None, None, 0
+        return found[1].median("rate"), found[1].median("cpu_us"), found[0]
+
+    def check(
+        text: str, name: str, queue_type: str, other: str, target: float, *, what: str = "rate"
+    ) -> None:
+        rate, cpu, prefetch = rate_of(queue_type, name)
+        o_rate, o_cpu, _ = rate_of(queue_type, other)
+        if what == "rate":
+            value, shown = ratio(rate, o_rate), f"({fmt(rate)} vs {fmt(o_rate)} msg/s)"
+            met = None if value is None else value >= target
+        else:
+            value, shown = ratio(cpu, o_cpu), f"({fmt(cpu)} vs {fmt(o_cpu)} µs)"
+            met = None if value is None else value <= target
+        lines.append(f"| {text} | {fmt(value, '.2f')} {shown} | {goal(met)} |")
+        if met is False:
+            missed.append((name, queue_type, prefetch))
+            reasons.append(why_missed(tallies, text, name, queue_type, other))
+
+    if "classic" in args.queue_types:
+        check("mayhem no-op >= 1.3x best raw aio-pika, classic", NOOP, "classic", RAW, 1.3)
+    if "quorum" in args.queue_types:
+        check("mayhem no-op >= 1.0x best raw aio-pika, quorum", NOOP, "quorum", RAW, 1.0)
+    for queue_type in args.queue_types:
+        check(f"mayhem no-op >= 0.8x the ceiling, {queue_type}", NOOP, queue_type, CEILING, 0.8)
+    for queue_type in args.queue_types:
+        check(
+            f"mayhem no-op CPU per message <= 0.5x raw aio-pika's, {queue_type}",
+            NOOP,
+            queue_type,
+            RAW,
+            0.5,
+            what="cpu",
+        )
+    if "quorum" in args.queue_types:
+        check(
+            "demo handler, PostgreSQL inbox >= 0.5x best raw aio-pika, quorum",
+            DEMO_PG,
+            "quorum",
+            RAW,
+            0.5,
+        )
     if isinstance(sigterm, list) and sigterm:
         worst = max(t for t, _ in sigterm)
         limit = 1.0 + args.handler_delay
         lines.append(
-            f"| SIGTERM to exit < 1 s + the longest handler in flight ({args.handler_delay:g} s)"
-            f" | worst of {len(sigterm)}: {worst:.3f} s (limit {limit:g} s) "
-            f"| {goal(worst < limit)} |"
+            f"| SIGTERM to exit of {SHUTDOWN_DAEMONS} daemons < 1 s + the longest handler "
+            f"({args.handler_delay:g} s) | worst of {len(sigterm)}: {worst:.3f} s "
+            f"(limit {limit:g} s) | {goal(worst < limit)} |"
         )
     else:
         lines.append(f"| SIGTERM to exit < 1 s + the longest handler | {sigterm} | not measured |")
@@ -730,17 +974,124 @@ def goals_section(
         )
     else:
         lines.append(f"| peak RSS flat as the backlog grows | {rss} | not measured |")
+    if reasons:
+        lines += [
+            "",
+            "Why, from the measurements (the profiles at the end say where the time goes):",
+        ]
+        lines += ["", *reasons]
+    return lines, list(dict.fromkeys(missed))
+
+
+def scale_section(scale: ScaleResult) -> list[str]:
+    if not isinstance(scale, list) or not scale:
+        return [f"Not measured: {scale}"]
+    lines = [
+        (
+            f"N mayhem daemons on one queue, each `--concurrency {SCALE_CONCURRENCY} --prefetch "
+            f"{SCALE_PREFETCH}`, the demo handler (`MAYHEM_DEMO_MAX_DELAY=0`) with the inbox in "
+            "one PostgreSQL schema shared by all N (so a message is applied once whichever "
+            "daemon gets it). Timed from the first reading where every daemon has acked a "
+            "message to the reading where all are acked; one run each."
+        ),
+        "",
+        (
+            "| queue | daemons | msg/s | x 1 daemon | CPU µs/msg (all daemons) "
+            "| broker CPU µs/msg | acked by each | effects (distinct) |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    single: dict[str, float] = {}
+    for queue_type, daemons, sample in scale:
+        if not isinstance(sample, Sample):
+            lines.append(f"| {queue_type} | {daemons} | {sample} | | | | | |")
+            continue
+        if daemons == 1:
+            single[queue_type] = sample.rate
+        lines.append(
+            f"| {queue_type} | {daemons} | {sample.rate:,.0f} "
+            f"| {fmt(ratio(sample.rate, single.get(queue_type)), '.2f')} "
+            f"| {sample.cpu_us:.0f} | {sample.broker_us:.0f} "
+            f"| {', '.join(f'{n:,}' for n in sample.extra['acked_each'])} "
+            f"| {sample.extra.get('effects', 0):,} "
+            f"({sample.extra.get('distinct_effects', 0):,}) |"
+        )
     return lines
+
+
+def setting_lines(args: argparse.Namespace) -> list[str]:
+    return [
+        (
+            f"- {args.messages:,} messages per run, {args.rounds} round(s); in each round every "
+            f"queue type ({', '.join(args.queue_types)}) and prefetch "
+            f"({', '.join(map(str, args.prefetches))}), and at each of them every contender in "
+            "turn, the first contender rotating from round to round; each contender a "
+            "separate process. A contender's best prefetch is the one with the highest median."
+        ),
+        (
+            "- Each run gets a fresh queue declared by `mayhem.broker.declare_topology` "
+            "(durable, `x-queue-type` quorum or classic, dead-letter arguments as mayhem sets "
+            "them), pre-filled through the default exchange with publisher confirms: 200-byte "
+            "JSON bodies with a `host` key, `content_type` application/json, a unique "
+            f"`message_id`, persistent; then {SETTLE:g} s of rest before the consumer starts. "
+            "Queues, exchanges and schemas are deleted after each run."
+        ),
+        (
+            "- ceiling (`bench/consumer_ceiling.py`): an `asyncio.Protocol` on uvloop that "
+            "speaks AMQP through pamqp only for the handshake, then counts complete messages "
+            "in each socket read and acks them all with one `basic.ack multiple=True` per read;"
+            " no handler, no message object. The fastest consumer this machine can run."
+        ),
+        (
+            "- raw aio-pika (`bench/consumer_aiopika.py`): `aio_pika.connect`, "
+            "`channel.set_qos(prefetch)`, `queue.consume(callback)`, the callback awaits "
+            "`message.ack()` (one ack per message); uvloop."
+        ),
+        (
+            "- FastStream (`bench/consumer_faststream.py`): `RabbitBroker` with "
+            "`Channel(prefetch_count=prefetch)`, `RabbitQueue(declare=False)`, a no-op "
+            "`async def` subscriber taking the decoded JSON body, ack after the handler "
+            "returns, access log off; uvloop; in its own virtualenv."
+        ),
+        (
+            "- mayhem no-op: `mayhem run --handler bench_handlers:noop --prefetch P "
+            f"--concurrency C` with C = P/2 capped at {NOOP_CONCURRENCY_CAP}, the inbox on "
+            "SQLite (WAL, synchronous=FULL) in a temp dir; mayhem demo: no `--handler` (parse "
+            "the JSON, insert a row in `restarts`), `MAYHEM_DEMO_MAX_DELAY=0`, the inbox on "
+            f"PostgreSQL (a fresh schema), C = P/2 capped at {PG_CONCURRENCY_CAP} (one pool "
+            "connection per worker; the server allows 100). uvloop, metrics and health "
+            "endpoint on 127.0.0.1, JSON logs at INFO."
+        ),
+        (
+            "- Throughput is first message to last. The scripts time themselves (monotonic "
+            "clock at the first delivery and after the last ack; rate = (N - 1) / elapsed). "
+            'mayhem is timed from outside: `mayhem_messages_total{outcome="acked"}` is polled '
+            "on /metrics every 5 ms until the first non-zero reading and again near the end, "
+            "every 250 ms at most in between; rate = messages acked between the first non-zero "
+            "reading and the reading that reaches N, over the time between the two readings."
+        ),
+        (
+            "- CPU per message is the consumer process's CPU time (user + system, all threads) "
+            "between those two moments over the messages in between: `time.process_time()` in "
+            "the scripts, /proc/<pid>/stat for mayhem. The broker's CPU per message is "
+            "beam.smp's utime + stime (/proc/<pid>/stat; the process listening on the AMQP "
+            "port) read at the same two moments. `cores busy` is CPU time over wall time. "
+            "PostgreSQL's CPU is not counted. Other work on the machine adds to the broker's."
+        ),
+        "- Ratios are ratios of medians, within this run.",
+    ]
 
 
 def report(
     args: argparse.Namespace,
     meta: dict[str, Any],
     *,
-    tallies: dict[str, Tally],
+    tallies: Tallies,
+    scale: ScaleResult,
     sigterm: SigtermResult,
     rss: RssResult,
-    curve: CurveResult,
+    goals: list[str],
+    profiled: list[str],
 ) -> str:
     out = [
         "# mayhem benchmark results",
@@ -773,90 +1124,56 @@ def report(
             f"{', '.join(f'{k} {v}' for k, v in meta['fs_versions'].items()) or 'not available'}"
         ),
         *(f"- {k} {v}" for k, v in meta["servers"].items()),
+        f"- broker process (beam.smp) for its CPU time: {meta['broker']}",
         "",
         "## Setting",
         "",
-        (
-            f"- {args.messages:,} messages per run, {args.rounds} alternating round(s) "
-            f"({' / '.join(CONTENDERS)}), each contender a separate process."
-        ),
-        (
-            f"- Each run gets a fresh {args.queue_type} queue declared by "
-            "`mayhem.broker.declare_topology` (durable, dead-letter arguments as mayhem sets "
-            "them), pre-filled through the default exchange with publisher confirms: "
-            "200-byte JSON bodies with a `host` key, `content_type` application/json, a unique "
-            f"`message_id`, persistent; then {SETTLE:g} s of rest before the consumer starts. "
-            "Queues, exchanges, schemas and SQLite files are deleted after each run."
-        ),
-        (
-            f"- Manual acks, one per message, and prefetch {args.prefetch} for every contender; "
-            f"mayhem runs with `--concurrency {args.concurrency} --prefetch {args.prefetch}`, "
-            "uvloop, metrics and health endpoint on 127.0.0.1 (a free port), JSON logs at INFO, "
-            "SQLite files in a temp dir (WAL, synchronous=FULL: one fsync per commit)."
-        ),
-        (
-            "- raw aio-pika (`bench/consumer_aiopika.py`): `aio_pika.connect`, "
-            "`channel.set_qos(prefetch)`, `queue.consume(callback)`, the callback awaits "
-            "`message.ack()`; uvloop."
-        ),
-        "- mayhem no-op: `mayhem run --handler bench_handlers:noop`, the inbox on SQLite.",
-        (
-            "- mayhem demo: no `--handler` (the demo handler: parse the JSON, insert a row in "
-            "`restarts`), `MAYHEM_DEMO_MAX_DELAY=0` (no simulated restart delay), the inbox on "
-            "SQLite or on PostgreSQL (a fresh schema through `?search_path=`)."
-        ),
-        (
-            "- FastStream (`bench/consumer_faststream.py`): `RabbitBroker` with "
-            f"`Channel(prefetch_count={args.prefetch})`, `RabbitQueue(declare=False)` (a passive "
-            "declare of the existing queue), a no-op `async def` subscriber taking the decoded "
-            "JSON body, FastStream's default ack policy (ack after the handler returns), "
-            "per-message access log off (`logger=None`); uvloop."
-        ),
-        (
-            "- Throughput is first message to last. raw aio-pika and FastStream time themselves "
-            "(monotonic clock at the first delivery and after the last ack / last handler call; "
-            "rate = (N - 1) / elapsed). mayhem is timed from outside: its "
-            '`mayhem_messages_total{outcome="acked"}` is polled on /metrics every 5 ms until '
-            "the first non-zero reading and again near the end, every 250 ms at most in "
-            "between; rate = messages acked between the first non-zero reading and the "
-            "reading that reaches N, over the time between the two readings."
-        ),
-        (
-            "- CPU per message is the consumer process's own CPU time (user + system, all "
-            "threads) between those same two moments, divided by the messages in between: "
-            "`time.process_time()` inside the scripts, utime + stime from /proc/<pid>/stat for "
-            "mayhem. Start-up and idle time are excluded for everyone. RabbitMQ's (and "
-            "PostgreSQL's) CPU is not counted: on 2 cores they compete with the consumer."
-        ),
-        "- Ratios are ratios of medians, within this run.",
+        *setting_lines(args),
         "",
-        "## Throughput",
+        "## Goals",
         "",
-        *throughput_table(args, tallies),
-        "",
-        "## SIGTERM to exit",
+        *goals,
         "",
     ]
+    if "throughput" in args.only:
+        for queue_type in args.queue_types:
+            out += [
+                f"## Throughput, {queue_type} queue",
+                "",
+                "### Each contender at its best prefetch",
+                "",
+                *best_table(args, tallies, queue_type),
+                "",
+                limit_text(tallies, queue_type),
+                "",
+                "### Every prefetch",
+                "",
+                *sweep_table(args, tallies, queue_type),
+                "",
+            ]
+    out += ["## Scale-out: N daemons on one queue", "", *scale_section(scale), ""]
+    out += ["## SIGTERM to exit, 3 daemons", ""]
     if isinstance(sigterm, list) and sigterm:
         totals = [t for t, _ in sigterm]
         beyond = [t - d for t, d in sigterm]
         out += [
             (
-                f"mayhem with `bench_handlers:sleep` ({args.handler_delay:g} s per message), "
-                f"`--concurrency {args.sigterm_concurrency}` (prefetch "
-                f"{2 * args.sigterm_concurrency}), {args.sigterm_queued:,} messages queued; "
-                "SIGTERM once the window is full (`mayhem_messages_in_flight` = concurrency); "
-                f"{len(totals)} run(s), as `bench/shutdown.py` does."
+                f"{SHUTDOWN_DAEMONS} mayhem daemons on one queue with `bench_handlers:sleep` "
+                f"({args.handler_delay:g} s per message), `--concurrency "
+                f"{args.sigterm_concurrency}` each (prefetch {2 * args.sigterm_concurrency}), "
+                f"{args.sigterm_queued:,} messages queued, each its own SQLite inbox; SIGTERM "
+                "to all at once when every window is full (`mayhem_messages_in_flight` = "
+                f"concurrency), timed until the last exits; {len(totals)} run(s)."
             ),
             "",
             "| | median | min | max |",
             "|---|---:|---:|---:|",
             (
-                f"| SIGTERM to exit (s) | {statistics.median(totals):.3f} | {min(totals):.3f} "
-                f"| {max(totals):.3f} |"
+                f"| SIGTERM to the last exit (s) | {statistics.median(totals):.3f} "
+                f"| {min(totals):.3f} | {max(totals):.3f} |"
             ),
             (
-                f"| beyond waiting for the handlers (s) | {statistics.median(beyond):.3f} "
+                f"| beyond the longest wait for handlers (s) | {statistics.median(beyond):.3f} "
                 f"| {min(beyond):.3f} | {max(beyond):.3f} |"
             ),
         ]
@@ -866,10 +1183,10 @@ def report(
     if isinstance(rss, list) and rss:
         out += [
             (
-                f"mayhem no-op (`--concurrency {args.concurrency} --prefetch {args.prefetch}`) "
-                "consuming a pre-filled backlog to the end; VmHWM (peak RSS) read from "
-                "/proc/<pid>/status after the last ack, before SIGTERM, and the largest VmRSS "
-                "seen while polling."
+                f"mayhem no-op (`--concurrency {args.rss_prefetch // 2} --prefetch "
+                f"{args.rss_prefetch}`) consuming a pre-filled quorum queue to the end; VmHWM "
+                "(peak RSS) read from /proc/<pid>/status after the last ack, before SIGTERM, "
+                "and the largest VmRSS seen while polling."
             ),
             "",
             "| backlog | peak RSS (VmHWM) MiB | largest VmRSS sampled MiB | msg/s |",
@@ -880,32 +1197,21 @@ def report(
             f"| {s.rate:,.0f} |"
             for backlog, s in rss
         ]
-        if len(rss) >= 2:
-            growth = rss[-1][1].extra["hwm_kb"] / rss[0][1].extra["hwm_kb"]
-            out += ["", f"Peak RSS ratio, largest to smallest backlog: {growth:.2f}x."]
     else:
         out.append(f"Not measured: {rss}")
-    out += ["", "## Scaling with concurrency", ""]
-    if isinstance(curve, list) and curve:
+    out.append("")
+    if profiled:
         out += [
+            "## Why a goal was missed: py-spy profiles",
+            "",
             (
-                f"mayhem no-op, prefetch = 2 x concurrency, {args.scaling_messages:,} messages, "
-                "one run each."
+                "`bench/pyspy_profile.py` on the contender that missed, at its best setting: "
+                "py-spy samples the thread holding the GIL; `own time` is the function at the "
+                "top of the stack, `total` anywhere on it. The sampler slows the daemon down."
             ),
             "",
-            "| concurrency | prefetch | msg/s | CPU µs/message |",
-            "|---:|---:|---:|---:|",
+            *profiled,
         ]
-        for concurrency, s in curve:
-            if isinstance(s, Sample):
-                out.append(
-                    f"| {concurrency} | {2 * concurrency} | {s.rate:,.0f} | {s.cpu_us:.0f} |"
-                )
-            else:
-                out.append(f"| {concurrency} | {2 * concurrency} | {s} | |")
-    else:
-        out.append(f"Not measured: {curve}")
-    out += ["", "## Goals", "", *goals_section(args, tallies, sigterm, rss), ""]
     if args.notes:
         out += [
             "## Runs repeated",
@@ -926,54 +1232,61 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--messages", type=int, default=50_000, help="messages per run")
+    parser.add_argument("--messages", type=int, default=20_000, help="messages per run")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     parser.add_argument(
-        "--quick", action="store_true", help="smoke test: 5,000 messages, 1 round, small backlogs"
+        "--quick",
+        action="store_true",
+        help="smoke test: 3,000 messages, 1 round, small backlogs, short profiles",
+    )
+    parser.add_argument(
+        "--large", action="store_true", help="also a backlog of 1,000,000 for peak RSS (slow)"
     )
     parser.add_argument(
         "--contenders",
         default="all",
-        help="comma-separated subset for a quick look: raw, noop, demo-sqlite, demo-pg, faststream",
+        help="comma-separated subset: ceiling, raw, faststream, noop, demo-pg",
     )
-    parser.add_argument("--prefetch", type=int, default=64, help="every contender's prefetch")
-    parser.add_argument("--concurrency", type=int, default=32, help="mayhem's concurrency")
-    parser.add_argument("--queue-type", choices=("quorum", "classic"), default="quorum")
+    parser.add_argument("--prefetches", default="64,256,1024", help="the prefetch sweep")
+    parser.add_argument("--queue-types", default="quorum,classic")
+    parser.add_argument("--scale-daemons", default="1,2,4", help="daemon counts, scale-out")
     parser.add_argument("--sigterm-queued", type=int, default=5000)
     parser.add_argument("--sigterm-concurrency", type=int, default=64)
+    parser.add_argument("--sigterm-rounds", type=int, default=3)
     parser.add_argument("--handler-delay", type=float, default=1.0)
+    parser.add_argument("--rss-prefetch", type=int, default=256)
     parser.add_argument(
         "--rss-backlogs",
         default=None,
-        help="comma-separated backlogs for peak RSS (default 10000,100000; quick 2000,20000)",
+        help="comma-separated backlogs (default 10000,100000 (+1000000 with --large); "
+        "quick 2000,20000)",
     )
     parser.add_argument(
-        "--scaling",
-        default="1,8,64,256",
-        help="comma-separated concurrencies for the scaling curve",
+        "--no-profile", action="store_true", help="no py-spy profile when a goal is missed"
     )
     parser.add_argument(
         "--only",
-        default="throughput,sigterm,rss,scaling",
-        help="comma-separated parts to run (throughput, sigterm, rss, scaling)",
+        default="throughput,scale,sigterm,rss",
+        help="comma-separated parts to run (throughput, scale, sigterm, rss)",
     )
     args = parser.parse_args()
+    args.profile_messages, args.profile_seconds = 60_000, 4
     if args.quick:
-        args.messages, args.rounds = 5000, 1
-    args.rss_backlogs = [
-        int(b)
-        for b in (args.rss_backlogs or ("2000,20000" if args.quick else "10000,100000")).split(",")
-    ]
-    args.scaling = [int(c) for c in args.scaling.split(",")]
-    args.scaling_messages = max(1000, round(args.messages * 0.4))
+        args.messages, args.rounds, args.sigterm_rounds = 3000, 1, 1
+        args.sigterm_queued = 1000
+        args.profile_messages, args.profile_seconds = 15_000, 2
+    default_backlogs = "2000,20000" if args.quick else "10000,100000"
+    if args.large and not args.quick:
+        default_backlogs += ",1000000"
+    args.rss_backlogs = [int(b) for b in (args.rss_backlogs or default_backlogs).split(",")]
+    args.prefetches = [int(p) for p in args.prefetches.split(",")]
+    args.queue_types = args.queue_types.split(",")
+    args.scale_daemons = [int(n) for n in args.scale_daemons.split(",")]
     args.only = set(args.only.split(","))
-    short = dict(
-        zip(("raw", "noop", "demo-sqlite", "demo-pg", "faststream"), CONTENDERS, strict=True)
-    )
     args.contenders = (
         CONTENDERS
         if args.contenders == "all"
-        else tuple(short[name] for name in args.contenders.split(","))
+        else tuple(SHORT[name] for name in args.contenders.split(","))
     )
     args.notes = []
     return args
@@ -993,6 +1306,7 @@ async def main() -> None:
     args = parse_args()
     began = time.monotonic()
     command = command_line()
+    args.broker_pid = broker_pid()
     meta: dict[str, Any] = {
         "command": command,
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M"),
@@ -1000,12 +1314,15 @@ async def main() -> None:
         "source_before": source_digest(),
         "machine": machine(),
         "python": platform.python_version(),
-        "versions": versions(None, ("aio-pika", "aiormq", "uvloop", "aiosqlite", "asyncpg")),
+        "versions": versions(None, ("aio-pika", "aiormq", "pamqp", "uvloop", "asyncpg")),
         "servers": await servers(),
+        "broker": f"pid {args.broker_pid}"
+        if args.broker_pid
+        else "not found (its CPU reads as 0; run as root)",
     }
-    say(f"load average {meta['load_before']}; {command}")
+    say(f"load average {meta['load_before']}; broker {meta['broker']}; {command}")
     args.faststream_python, args.faststream_missing = None, "not requested"
-    if "throughput" in args.only:
+    if "throughput" in args.only and FASTSTREAM in args.contenders:
         args.faststream_python, args.faststream_missing = faststream_python()
     meta["fs_versions"] = (
         versions(args.faststream_python, ("faststream", "aio-pika", "aiormq", "uvloop"))
@@ -1013,24 +1330,35 @@ async def main() -> None:
         else {}
     )
     skipped = "skipped (--only)"
-    tallies: dict[str, Tally] = {name: Tally() for name in CONTENDERS}
+    tallies: Tallies = {}
+    scale: ScaleResult = skipped
     sigterm: SigtermResult = skipped
     rss: RssResult = skipped
-    curve: CurveResult = skipped
     with tempfile.TemporaryDirectory(prefix="mayhem-bench-") as tmp:
         args.tmp = Path(tmp)
         if "throughput" in args.only:
             tallies = await throughput(args)
+        if "scale" in args.only:
+            scale = await guarded("scale-out", lambda: scale_out(args))
         if "sigterm" in args.only:
             sigterm = await guarded("SIGTERM timing", lambda: shutdown_timing(args))
         if "rss" in args.only:
             rss = await guarded("peak RSS", lambda: rss_growth(args))
-        if "scaling" in args.only:
-            curve = await scaling(args)
-    meta["load_after"] = load()
+        meta["load_after"] = load()
+        goals, missed = goals_section(args, tallies, sigterm, rss)
+        profiled = [] if args.no_profile else await profiles(args, missed)
     meta["source_after"] = source_digest()
     meta["elapsed"] = time.monotonic() - began
-    text = report(args, meta, tallies=tallies, sigterm=sigterm, rss=rss, curve=curve)
+    text = report(
+        args,
+        meta,
+        tallies=tallies,
+        scale=scale,
+        sigterm=sigterm,
+        rss=rss,
+        goals=goals,
+        profiled=profiled,
+    )
     RESULTS.write_text(text)
     print(text)
     say(f"done in {meta['elapsed'] / 60:.1f} min; written {RESULTS.relative_to(ROOT)}")

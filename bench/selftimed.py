@@ -1,7 +1,8 @@
 """What the self-timed consumers (raw aio-pika, FastStream) share; standard library only.
 
 Each counts its messages with a :class:`Tally`, waits on it, and prints its result as one
-JSON line on stdout. The tally fails the run when the broker connection is lost or no
+JSON line on stdout; with ``--broker-pid``, the broker's CPU time over the same window too.
+The tally fails the run when the broker connection is lost or no
 message arrives for ``stall`` seconds, so a disturbed run ends at once instead of hanging.
 """
 
@@ -11,8 +12,21 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import resource
 import time
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> float:
+    """User plus system CPU seconds of another process (all threads), from /proc; 0 if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def arguments(description: str | None) -> argparse.Namespace:
@@ -23,7 +37,13 @@ def arguments(description: str | None) -> argparse.Namespace:
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--prefetch", type=int, default=64)
     parser.add_argument("--stall", type=float, default=30, help="seconds without a message")
-    return parser.parse_args()
+    parser.add_argument("--queue-type", choices=("quorum", "classic"), default="quorum")
+    parser.add_argument(
+        "--broker-pid", type=int, default=0, help="the broker's OS pid, to read its CPU time too"
+    )
+    args = parser.parse_args()
+    Tally.broker_pid = args.broker_pid
+    return args
 
 
 class Tally:
@@ -32,6 +52,8 @@ class Tally:
     Args:
         count: how many messages make a run.
     """
+
+    broker_pid = 0  # set from --broker-pid: its CPU time is read at the same two moments
 
     def __init__(self, count: int) -> None:
         self.count = count
@@ -44,12 +66,14 @@ class Tally:
         """Call at the start of each message's handling."""
         if not self.marks:
             self.marks["t0"], self.marks["cpu0"] = time.monotonic(), time.process_time()
+            self.marks["broker0"] = process_cpu(self.broker_pid) if self.broker_pid else 0.0
 
     def finished(self) -> None:
         """Call when a message is handled (acked, for the raw consumer)."""
         self.seen += 1
         if self.seen == self.count:
             self.marks["t1"], self.marks["cpu1"] = time.monotonic(), time.process_time()
+            self.marks["broker1"] = process_cpu(self.broker_pid) if self.broker_pid else 0.0
             self.done.set()
 
     def connection_closed(self, *args: object) -> None:
@@ -80,6 +104,7 @@ class Tally:
                     "count": self.count,
                     "seconds": self.marks["t1"] - self.marks["t0"],
                     "cpu_seconds": self.marks["cpu1"] - self.marks["cpu0"],
+                    "broker_cpu_seconds": self.marks["broker1"] - self.marks["broker0"],
                     "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                 }
             ),

@@ -8,6 +8,7 @@ own (:mod:`mayhem.consumer`, :mod:`mayhem.amqp`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -17,9 +18,10 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from yarl import URL
 
 from mayhem.amqp.link import describe_failure
-from mayhem.amqp.url import Endpoint
+from mayhem.amqp.url import endpoints, split_hosts
 from mayhem.exceptions import ConfigError, StartupError
 from mayhem.redact import mask_url
 from mayhem.topology import (
@@ -51,26 +53,92 @@ def connection_name(queue: str, role: str = "consumer") -> str:
 async def connect(config: Config, role: str = "consumer") -> AbstractRobustConnection:
     """Open a robust connection; fail fast when the broker cannot be reached at start.
 
+    A cluster's URL (``amqp://u:p@h1,h2,h3/``) names several nodes: the first that answers is
+    used, and while the connection is down its reconnect attempts go round the other nodes
+    (:class:`_Failover`; aio-pika's robust connection only ever retries the one URL it got).
+
     Raises:
-        StartupError: the broker refused the credentials or could not be reached.
+        StartupError: the broker refused the credentials or no node could be reached.
     """
     # The URL was checked by the same parser when the configuration was loaded; aio-pika gets
-    # it as it is, with the TLS context the consuming connection uses too.
-    endpoint = Endpoint.from_url(config.amqp_url)
-    try:
-        return await aio_pika.connect_robust(
-            config.amqp_url,
-            ssl_context=endpoint.ssl_context,
-            client_properties={"connection_name": connection_name(config.queue, role)},
-            reconnect_interval=RECONNECT_INTERVAL,
-            timeout=10,
-        )
-    except aiormq.exceptions.ProbableAuthenticationError:
-        msg = f"broker {mask_url(config.amqp_url)} refused the credentials"
-        raise StartupError(msg) from None
-    except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
-        msg = f"cannot connect to broker {mask_url(config.amqp_url)}: {_describe(exc)}"
-        raise StartupError(msg) from None
+    # each node's URL as it is, with the TLS context the consuming connection uses too.
+    nodes = list(zip(split_hosts(config.amqp_url), endpoints(config.amqp_url), strict=True))
+    failure: BaseException | None = None
+    for url, endpoint in nodes:
+        try:
+            connection = await aio_pika.connect_robust(
+                url,
+                ssl_context=endpoint.ssl_context,
+                client_properties={"connection_name": connection_name(config.queue, role)},
+                reconnect_interval=RECONNECT_INTERVAL,
+                timeout=10,
+            )
+        except aiormq.exceptions.ProbableAuthenticationError:
+            msg = f"broker {mask_url(config.amqp_url)} refused the credentials"
+            raise StartupError(msg) from None
+        except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
+            if len(nodes) > 1:
+                log.info(
+                    "broker node %s:%d did not answer: %s; trying the next",
+                    endpoint.host,
+                    endpoint.port,
+                    _describe(exc),
+                )
+            failure = exc
+            continue
+        if len(nodes) > 1 and isinstance(connection, aio_pika.RobustConnection):
+            _Failover(connection, [url for url, _ in nodes], url)
+        return connection
+    shown = _describe(failure) if failure else "no host"
+    msg = f"cannot connect to broker {mask_url(config.amqp_url)}: {shown}"
+    raise StartupError(msg)
+
+
+class _Failover:
+    """Points a robust connection at the next node of a cluster while it is down.
+
+    aio-pika reads the connection's ``url`` at each reconnect attempt; from the loss until the
+    connection is back, this moves it to the next node every reconnect interval, starting
+    with the node after the one that was lost. The TLS context stays: the nodes share the
+    URL's options, so it is the one every node's endpoint makes, and the host name it checks
+    is taken from the URL at each attempt. It lives as long as the connection's close
+    callback; its task ends when the connection is back or closed.
+    """
+
+    def __init__(
+        self, connection: aio_pika.RobustConnection, urls: list[str], current: str
+    ) -> None:
+        self._connection = connection
+        self._urls = [URL(url) for url in urls]
+        self._at = urls.index(current)
+        self._task: asyncio.Task[None] | None = None
+        connection.close_callbacks.add(self._lost)
+
+    def _lost(self, _: Any, exc: BaseException | None = None) -> None:  # noqa: ANN401, ARG002
+        connection = self._connection
+        if connection.close_called or connection.is_closed:
+            if self._task is not None:
+                self._task.cancel()
+            return
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._rotate(), name="mayhem-broker-failover"
+            )
+
+    async def _rotate(self) -> None:
+        connection = self._connection
+        while not (connection.close_called or connection.is_closed):
+            self._at = (self._at + 1) % len(self._urls)
+            url = self._urls[self._at]
+            # The robust connection reads this at its next attempt.
+            connection.url = url
+            log.info("broker (publishing): next connection attempt to %s:%s", url.host, url.port)
+            try:
+                async with asyncio.timeout(RECONNECT_INTERVAL * 1.5):
+                    await connection.connected.wait()
+            except TimeoutError:
+                continue
+            return
 
 
 def _describe(exc: BaseException) -> str:
@@ -177,7 +245,10 @@ class Broker:
 
     def _restored(self, _: Any) -> None:  # noqa: ANN401
         self._up = True
-        log.info("broker connection re-established (publishing)")
+        conn = self.connection
+        url = conn.url if isinstance(conn, aio_pika.RobustConnection) else None
+        where = f" to {url.host}:{url.port}" if url is not None else ""
+        log.info("broker connection re-established (publishing)%s", where)
 
     async def depth(self) -> int | None:
         """Messages ready in the work queue (a passive declare), or ``None`` if unknown."""

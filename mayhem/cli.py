@@ -82,7 +82,13 @@ def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
             )
         else:
             parser.add_argument(
-                each.flag, dest=each.name, default=None, metavar=each.name.upper(), help=text
+                each.flag,
+                dest=each.name,
+                default=None,
+                metavar=each.name.upper(),
+                help=text,
+                # Repeated, the values come as a list, which the setting's parser takes.
+                action="append" if each.repeatable else "store",
             )
     if command in DAEMON:
         lines = [
@@ -161,7 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _flags(args: argparse.Namespace) -> dict[str, object]:
     """The settings given as flags, by name."""
     given = {key: getattr(args, key, None) for key in SETTINGS}
-    return {key: value for key, value in given.items() if value is not None}
+    # A repeatable flag given once is that one value; given more often, the list.
+    return {
+        key: value[0] if isinstance(value, list) and len(value) == 1 else value
+        for key, value in given.items()
+        if value is not None
+    }
 
 
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:

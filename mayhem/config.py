@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from mayhem import topology
-from mayhem.amqp.url import Endpoint, UrlError
+from mayhem.amqp.url import UrlError, endpoints, join_hosts
 from mayhem.exceptions import ConfigError
 from mayhem.redact import mask_url
 from mayhem.setting import (
@@ -107,9 +107,12 @@ def _parse_optional(value: object) -> str | None:
 
 
 def _parse_amqp_url(value: object) -> str:
-    """an amqp:// or amqps:// URL."""
-    text = _text(value)
-    Endpoint.from_url(text)  # the one parser both broker connections use; UrlError says why
+    """an amqp:// or amqps:// URL (a cluster's: amqp://user:pass@host1:port1,host2:port2/)."""
+    # A list names a cluster's nodes, a URL each (a repeated --amqp-url, a TOML array): joined
+    # into one URL, which may then differ only in its host list.
+    text = join_hosts([_text(v) for v in value]) if isinstance(value, list) else _text(value)
+    # The one parser both broker connections use, on every node; UrlError says why.
+    endpoints(text)
     return text
 
 
@@ -185,9 +188,13 @@ class Config:
     amqp_url: str = setting(
         "amqp://guest:guest@localhost:5672/",
         parse=_parse_amqp_url,
-        doc="broker URL",
+        doc=(
+            "broker URL; for a cluster, name every node: repeat the flag (a TOML array), a URL "
+            "each, or amqp://user:pass@host1:port1,host2:port2/"
+        ),
         commands=EVERY_COMMAND,
         secret=True,
+        repeatable=True,
     )
     queue: str = setting("mayhem", parse=_parse_name, doc="work queue name", commands=EVERY_COMMAND)
     exchange: str = setting(
@@ -377,7 +384,7 @@ class Config:
             except (TypeError, ValueError, OverflowError) as exc:
                 what = (each.parse.__doc__ or "valid").rstrip(".")
                 why = f": {exc}" if isinstance(exc, UrlError) else ""  # never quotes the URL
-                msg = f"{key} must be {what}, got {show(each, str(value))!r} ({origin}){why}"
+                msg = f"{key} must be {what}, got {_shown(each, value)!r} ({origin}){why}"
                 raise ConfigError(msg) from None
         config = cls(**values)
         config.check()
@@ -416,7 +423,16 @@ def show(each: Setting, value: object) -> object:
     """
     if each.secret and isinstance(value, str):
         return mask_url(value)
+    if each.secret and isinstance(value, list | tuple):
+        return [show(each, item) for item in value]
     return value
+
+
+def _shown(each: Setting, value: object) -> str:
+    """A raw value in an error message: a repeated setting's values joined, secrets masked."""
+    if isinstance(value, list | tuple):
+        return ", ".join(str(show(each, str(item))) for item in value)
+    return str(show(each, str(value)))
 
 
 def reloadable_settings() -> frozenset[str]:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Final
 
 import attrs
 
-from mayhem.amqp import Endpoint, Link, open_link
+from mayhem.amqp import Endpoint, Link, endpoints, open_any
 from mayhem.amqp.url import UrlError
 from mayhem.broker import connection_name
 from mayhem.config import CONSUMER_TIMEOUT
@@ -129,9 +129,11 @@ class Consumer:
     ) -> None:
         self._config = config
         try:
-            self._endpoint = Endpoint.from_url(config.amqp_url)
+            # A cluster's URL names several nodes; a reconnect tries the others first.
+            self._endpoints = endpoints(config.amqp_url)
         except UrlError as exc:
             raise ConfigError(f"amqp_url: {exc}") from None
+        self._failed: Endpoint | None = None
         self.backoff = backoff or Backoff()
         self._buffer = buffer
         self._settle = settle
@@ -195,8 +197,9 @@ class Consumer:
 
     async def _connect(self) -> Link:
         config = self._config
-        return await open_link(
-            self._endpoint,
+        return await open_any(
+            self._endpoints,
+            after=self._failed,
             client_properties={"connection_name": connection_name(config.queue)},
             prefetch=config.effective_prefetch,
             on_delivery=self._on_delivery,
@@ -246,14 +249,17 @@ class Consumer:
             return
         self.backoff.down()
         self.queue_missing = isinstance(exc, QueueMissing)
+        # A reconnect tries the cluster's other nodes first, this one last.
+        self._failed = link.endpoint
         dropped = self._buffer.drop_stale()
         log.warning(
-            "broker connection lost (consuming): %s ◆ %d buffered deliveries dropped (the "
+            "broker connection lost (consuming, %s): %s ◆ %d buffered deliveries dropped (the "
             "broker requeues them) ◆ reconnecting in %.1f s",
+            _address(link.endpoint),
             exc or "closed",
             dropped,
             self.backoff.next_delay,
-            extra={"event": "broker_connection_lost"},
+            extra={"event": "broker_connection_lost", "broker": _address(link.endpoint)},
         )
         self._lost.set()
 
@@ -291,13 +297,17 @@ class Consumer:
                     break
                 self.backoff.up()
                 self._metrics.broker_reconnects.inc()
+                broker = _address(link.endpoint)
                 if self.active:
                     log.info(
-                        "consuming again: broker connection re-established",
-                        extra={"event": "consuming_again"},
+                        "consuming again: broker connection re-established (%s)",
+                        broker,
+                        extra={"event": "consuming_again", "broker": broker},
                     )
                 else:
-                    log.info("broker connection re-established; consumption stays paused")
+                    log.info(
+                        "broker connection re-established (%s); consumption stays paused", broker
+                    )
                 break
             if self._closing:
                 return
@@ -310,3 +320,11 @@ class Consumer:
             return
         self._settle.flush()
         await link.close()
+
+
+def _address(endpoint: Endpoint | None) -> str:
+    """The node a connection is to, ``host:port``, for logs."""
+    if endpoint is None:
+        return "unknown"
+    host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+    return f"{host}:{endpoint.port}"

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 import aiormq
 import attrs
 
-from mayhem.amqp import Endpoint, open_link
+from mayhem.amqp import endpoints, open_any
 from mayhem.broker import connect, connection_name
 from mayhem.exceptions import ConfigError, LinkLost, StartupError
 from mayhem.headers import (
@@ -188,8 +188,8 @@ async def _walk(
     reader = _Reader()
     url = mask_url(config.amqp_url)
     try:
-        reader.link = await open_link(
-            Endpoint.from_url(config.amqp_url),
+        reader.link = await open_any(
+            endpoints(config.amqp_url),
             client_properties={"connection_name": connection_name(config.queue, role)},
             prefetch=1,
             on_delivery=reader.on_delivery,

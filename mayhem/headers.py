@@ -43,6 +43,7 @@ from pamqp.exceptions import PAMQPException
 from pamqp.header import ContentHeader
 from yarl import URL
 
+from mayhem.amqp.url import split_hosts
 from mayhem.logs import MAX_TEXT, clean_text
 from mayhem.topology import RETRY_QUEUE_TAIL
 
@@ -133,9 +134,10 @@ def parse_timestamp(text: object) -> float | None:
 def publishing_user(amqp_url: str) -> str | None:
     """The user a connection to ``amqp_url`` authenticates as, read as aiormq reads it.
 
-    ``None`` with ``auth=external``: the user then comes from the client certificate.
+    ``None`` with ``auth=external``: the user then comes from the client certificate. A
+    cluster's nodes share the user: the first node's URL is read.
     """
-    url = URL(amqp_url)
+    url = URL(split_hosts(amqp_url)[0])
     if url.query.get("auth", "plain").lower() == "external":
         return None
     return url.user or "guest"

@@ -61,8 +61,11 @@ EVENTS: Final = MappingProxyType(
         "consumption_paused": "consumption paused for a database outage; requeued",
         "database_still_unavailable": "the database did not answer a probe; retry_in (s)",
         "database_back": "the database answers again and consumption resumed; outage (s)",
-        "broker_connection_lost": "the consuming connection was lost; it reconnects with backoff",
-        "consuming_again": "the consuming connection is back and consuming",
+        "broker_connection_lost": (
+            "the consuming connection was lost; it reconnects with backoff, to a cluster's other "
+            "nodes first; broker (the node lost, host:port)"
+        ),
+        "consuming_again": "the consuming connection is back and consuming; broker (host:port)",
         "consumer_timeout_unknown": "what handler_timeout is checked against (logged at start)",
         "handler_failed": "a handler raised; the message is retried or dead-lettered",
         "rejected_unread": "a body over max_message_bytes, rejected unread (to <queue>.dead)",

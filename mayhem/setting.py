@@ -50,6 +50,8 @@ class Setting:
         secret: the value may hold a password: it is masked wherever it is shown and can come
             from a systemd credential of the setting's name.
         reloadable: SIGHUP applies a new value without a restart.
+        repeatable: the flag may be given several times (a TOML array in the file); ``parse``
+            then gets the list of values.
     """
 
     name: str
@@ -60,6 +62,7 @@ class Setting:
     commands: frozenset[str]
     secret: bool
     reloadable: bool
+    repeatable: bool
 
     @property
     def env(self) -> str:
@@ -86,6 +89,7 @@ def setting(
     default_text: str | None = None,
     secret: bool = False,
     reloadable: bool = False,
+    repeatable: bool = False,
 ) -> T:
     """Declare a setting: an attrs field of a class decorated with ``field_transformer=named``.
 
@@ -97,6 +101,7 @@ def setting(
         default_text: see :attr:`Setting.default_text`.
         secret: see :attr:`Setting.secret`.
         reloadable: see :attr:`Setting.reloadable`.
+        repeatable: see :attr:`Setting.repeatable`.
     """
     declared = {
         "parse": parse,
@@ -105,6 +110,7 @@ def setting(
         "commands": frozenset(commands),
         "secret": secret,
         "reloadable": reloadable,
+        "repeatable": repeatable,
     }
     return attrs.field(default=default, metadata={_DECLARED: declared})
 

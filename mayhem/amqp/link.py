@@ -22,13 +22,21 @@ from mayhem.amqp.reader import CHANNEL, FrameReader
 from mayhem.exceptions import BrokerRefused, LinkLost, QueueMissing
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Sequence
 
     from mayhem.amqp.delivery import Delivery
     from mayhem.amqp.url import Endpoint
 
 # FRAME_MAX stays importable from here: what this link agrees to in Connection.Tune.
-__all__ = ["CHANNEL", "FRAME_MAX", "HEADER_SLACK", "Link", "describe_failure", "open_link"]
+__all__ = [
+    "CHANNEL",
+    "FRAME_MAX",
+    "HEADER_SLACK",
+    "Link",
+    "describe_failure",
+    "open_any",
+    "open_link",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,7 @@ class Link(FrameReader):
         self._closing = False
         self.consumer_tag: str | None = None
         self.server: dict[str, Any] = {}
+        self.endpoint: Endpoint | None = None  # where it connected (set by open_link)
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -416,4 +425,55 @@ async def open_link(
     except BaseException:
         link.abort()
         raise
+    link.endpoint = endpoint
     return link
+
+
+async def open_any(
+    endpoints: Sequence[Endpoint],
+    *,
+    after: Endpoint | None = None,
+    client_properties: dict[str, Any],
+    prefetch: int,
+    on_delivery: Callable[[Delivery], None],
+    on_lost: Callable[[Link, BaseException | None], None],
+) -> Link:
+    """:func:`open_link` to the first of a cluster's nodes that answers.
+
+    The nodes are tried in order, starting with the one after ``after`` (the node whose
+    connection was just lost, or that failed last), so that a reconnect goes to another
+    node first and the node that failed is tried last.
+
+    Raises:
+        BrokerRefused: a node refused the credentials or the vhost (the nodes of a cluster
+            share them, so the others would too).
+        LinkLost: no node could be reached; the message names the last node's failure.
+    """
+    # By identity: a list may name one node twice, and "after" is the very one that failed.
+    start = next((i + 1 for i, each in enumerate(endpoints) if each is after), 0)
+    order = [*endpoints[start:], *endpoints[:start]]
+    failure = LinkLost("no broker host to connect to")
+    for endpoint in order:
+        try:
+            return await open_link(
+                endpoint,
+                client_properties=client_properties,
+                prefetch=prefetch,
+                on_delivery=on_delivery,
+                on_lost=on_lost,
+            )
+        except BrokerRefused:
+            raise
+        except LinkLost as exc:
+            if len(order) > 1:
+                log.info(
+                    "broker node %s:%d did not answer: %s; trying the next",
+                    endpoint.host,
+                    endpoint.port,
+                    exc,
+                )
+            failure = exc
+    if len(order) > 1:
+        msg = f"none of the {len(order)} broker hosts answered; the last: {failure}"
+        raise LinkLost(msg)
+    raise failure

@@ -5,6 +5,11 @@ both take their settings from one :class:`Endpoint`: aio-pika gets the same URL 
 module has checked) and the same :class:`ssl.SSLContext`, so a TLS option means the same on
 both. The query options are aio-pika's (aiormq's), with the same names and meanings; mayhem
 takes only those both connections honour, and refuses any other, or a bad value, at once.
+
+A cluster's URL names its nodes in one host list (``amqp://u:p@h1:5681,h2:5682,h3/``), or each
+node has a URL of its own (a repeated ``--amqp-url``, a TOML array) that :func:`join_hosts`
+joins into one. :func:`endpoints` splits it (:func:`split_hosts`) and parses every node's URL
+with :meth:`Endpoint.from_url`, so every check applies to every node.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import binascii
 import ssl
 from pathlib import Path
 from typing import Final, NoReturn
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import attrs
 
@@ -162,6 +167,76 @@ class Endpoint:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         return context
+
+
+def split_hosts(url: str) -> list[str]:
+    """One URL per node of a cluster URL such as ``amqp://u:p@h1:5681,h2:5682,h3/vhost``.
+
+    The nodes share the scheme, credentials, vhost and query; a URL with one host comes back
+    as it is. Nothing else is checked here: :func:`endpoints` parses each node's URL.
+
+    Raises:
+        UrlError: a host in the list is empty (``h1,,h2``).
+    """
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return [url]  # malformed: Endpoint.from_url says how, in its words
+    userinfo, at, hostlist = parts.netloc.rpartition("@")
+    hosts = hostlist.split(",")
+    if len(hosts) == 1 or "#" in url:
+        return [url]  # Endpoint.from_url refuses a '#' (urlsplit would cut the URL there)
+    if not all(host.strip() for host in hosts):
+        _refuse("the URL's host list has an empty host (h1,,h2)")
+    return [urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host}")) for host in hosts]
+
+
+def join_hosts(urls: list[str]) -> str:
+    """One cluster URL from the URLs of its nodes (a repeated ``--amqp-url``, a TOML array).
+
+    Each URL may itself name several hosts; one URL comes back as it is.
+
+    Raises:
+        UrlError: there are none, one is not valid (:meth:`Endpoint.from_url`), or they differ
+            in more than their host and port (scheme, credentials, vhost or query).
+    """
+    if not urls:
+        _refuse("no broker URL")
+    singles = [single for url in urls for single in split_hosts(url)]
+    for single in singles:
+        Endpoint.from_url(single)  # each is checked whole before they are compared
+    if len(urls) == 1:
+        return urls[0]
+    first = urlsplit(singles[0].strip())
+    userinfo, at, _ = first.netloc.rpartition("@")
+    hosts = []
+    for url in singles:
+        parts = urlsplit(url.strip())
+        theirs, _, host = parts.netloc.rpartition("@")
+        if (parts.scheme, theirs, parts.path, parts.query) != (
+            first.scheme,
+            userinfo,
+            first.path,
+            first.query,
+        ):
+            _refuse(
+                "the broker URLs of a cluster may differ only in host and port (not in scheme, "
+                "user, password, vhost or options)"
+            )
+        hosts.append(host)
+    return urlunsplit(first._replace(netloc=f"{userinfo}{at}{','.join(hosts)}"))
+
+
+def endpoints(url: str) -> tuple[Endpoint, ...]:
+    """Every node a broker URL names, each parsed and checked by :meth:`Endpoint.from_url`.
+
+    The one parser both connections use: one endpoint for a plain URL, one per node for a
+    cluster's (``amqp://u:p@h1:5681,h2:5682/``).
+
+    Raises:
+        UrlError: the URL, or the URL of one of its nodes, is not valid.
+    """
+    return tuple(Endpoint.from_url(single) for single in split_hosts(url))
 
 
 def _options(query: str) -> dict[str, str]:

@@ -133,6 +133,26 @@ async def test_the_daemon_runs_over_tls_with_external(tls, amqp, make_config, ru
     assert sorted(ours) == [["true", "EXTERNAL"]] * 2
 
 
+async def test_a_cluster_url_keeps_tls_for_every_node(tls, amqp, make_config, run_daemon):
+    """A host list whose first node is down: both connections reach the second over TLS.
+
+    Every node's URL is parsed by the one parser, so the second node gets the same CA, client
+    certificate and mechanism as the first would have (and the host name checked is its own).
+    """
+    port, pki = tls
+    url = _url(port, pki, user="nobody:wrong", cafile=pki.ca, auth="external", **_client(pki))
+    url = url.replace("@127.0.0.1:", "@127.0.0.1:1,127.0.0.1:")
+    config = make_config(amqp_url=url, handler="sample_handlers:record")
+    async with run_daemon(config) as daemon:
+        await publish(amqp, config.queue, [b"{}"])
+        await wait_until(
+            lambda: daemon.metrics.value("mayhem_messages_total", {"outcome": "acked"}) == 1
+        )
+        listed = await _listed("ssl", "auth_mechanism")
+    ours = [row[1:] for row in listed if f"pid={os.getpid()} queue={config.queue}" in row[0]]
+    assert sorted(ours) == [["true", "EXTERNAL"]] * 2
+
+
 async def test_a_wrong_ca_fails_with_a_clear_error(tls, make_config):
     """A CA that did not sign the broker's certificate: both connections refuse, saying so."""
     port, pki = tls
