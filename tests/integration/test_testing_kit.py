@@ -53,7 +53,7 @@ INPUTS = [
     ("not-json", b"not json", None),
     ("poison", _body("fail"), None),
     ("retry", _body("retry", delay=0.15), None),  # asks for 0.15 s: the 0.2 s tier
-    ("flaky", _body("flaky"), None),
+    ("flaky", _body("flaky"), {"tenant": "acme"}),  # its copies keep headers and properties
     ("empty", b"", None),
     ("big", b"x" * 2000, None),  # over max_message_bytes: rejected unread
     (None, _body("ok", no="id"), None),  # no message_id
