@@ -137,19 +137,9 @@ def test_the_generated_tests_pass(tmp_path):
     """The tutorial's step 3: `mayhem init`, then `python -m pytest tests` passes, no broker."""
     init("myapp", tmp_path)
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST")}
+    args = ["tests", "-q", "-p", "no:cacheprovider", "-p", "no:asyncio", "-W", "error"]
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "tests",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-p",
-            "no:asyncio",
-        ]
-        + ["-W", "error"],
+        [sys.executable, "-m", "pytest", *args],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -354,6 +354,14 @@ def test_the_blocking_harness():
         assert len(h.outcomes) == 2
 
 
+def test_the_blocking_harness_with_a_plain_def_handler():
+    """The handler's thread blocks on ctx.db while the harness's loop runs the statement."""
+    with mayhem.testing.BlockingHarness("sample_handlers:sync_record") as h:
+        assert h.deliver(b"{}", message_id="s").status == "acked"
+        assert h.deliver(b"{}", message_id="s").status == "duplicate"
+        assert h.fetchval("SELECT message_id FROM applied") == "s"
+
+
 async def test_the_blocking_harness_refuses_a_running_loop():
     with pytest.raises(RuntimeError, match="in an async test, use"):
         mayhem.testing.BlockingHarness(record).open()
