@@ -15,10 +15,14 @@ An ``async def`` test (pytest-asyncio, anyio)::
 A plain ``def`` test, with the ``mayhem_harness`` fixture of mayhem's pytest plugin
 (installed with mayhem; the harness is closed after the test)::
 
-    def test_a_failing_order_is_retried_then_dead_lettered(mayhem_harness):
-        h = mayhem_harness(handle, max_attempts=3)
-        outcomes = h.deliver_until_settled(b"not an order")
+    def test_a_failure_is_retried_then_dead_lettered(mayhem_harness):
+        async def payment_down(message, ctx):
+            raise ConnectionError("payment service down")
+
+        h = mayhem_harness(payment_down, max_attempts=3)
+        outcomes = h.deliver_until_settled({"id": "A-2", "total": 5})
         assert [o.status for o in outcomes] == ["retried", "retried", "dead_lettered"]
+        assert outcomes[-1].error == "ConnectionError: payment service down"
 
 See :class:`Harness` for the settings and the database, :class:`Outcome` for what an
 outcome says, :class:`BlockingHarness` for the harness without ``await``.
