@@ -51,7 +51,6 @@ from mayhem.headers import (
     publishing_user,
     timestamp,
 )
-from mayhem.message import content_id
 from mayhem.topology import dead_queue, retry_queue
 
 if TYPE_CHECKING:
@@ -131,8 +130,6 @@ class Copies:
             headers,
             expiration=wait if wait > 0 else None,
             user_id=self._user,
-            # Without one, aiormq would invent a random id: the copy must stay the same message.
-            message_id=delivery.message_id or content_id(delivery.body),
         )
         # Its header must still fit our consumer's frame once the broker adds its trail.
         retry_limit = min(limit, CONSUMER_FRAME_MAX) - BROKER_RESERVE

@@ -45,6 +45,7 @@ from yarl import URL
 
 from mayhem.amqp.url import split_hosts
 from mayhem.logs import MAX_TEXT, clean_text
+from mayhem.message import content_id
 from mayhem.topology import RETRY_QUEUE_TAIL
 
 if TYPE_CHECKING:
@@ -179,19 +180,19 @@ def copy_message(
     headers: dict[str, Any],
     expiration: float | None = None,
     user_id: str | None = None,
-    message_id: str | None = None,
 ) -> aio_pika.Message:
     """The same message (body, id, properties) with new headers, persistent.
 
-    ``CC`` and ``BCC`` are never copied (see the module's docstring). ``message_id``, when
-    given, replaces a missing one.
+    ``CC`` and ``BCC`` are never copied (see the module's docstring). A message without a
+    ``message_id`` gets its content id (:func:`mayhem.message.content_id`): without one,
+    aiormq would invent a random id, and a copy must stay the same message to the inbox.
     """
     return aio_pika.Message(
         delivery.body,
         headers={key: value for key, value in headers.items() if key not in ROUTING_HEADERS},
         content_type=delivery.content_type,
         content_encoding=delivery.content_encoding,
-        message_id=delivery.message_id or message_id,
+        message_id=delivery.message_id or content_id(delivery.body),
         correlation_id=delivery.correlation_id,
         timestamp=delivery.timestamp,
         type=delivery.type,

@@ -79,7 +79,10 @@ TEST: Final = '''\
 """Tests of {name}'s handler, run in-process by mayhem's test kit: no broker needed.
 
 Run them with ``python -m pytest tests``. The harness decides each delivery's outcome
-as the daemon would (acked, duplicate, retried, dead_lettered, rejected).
+as the daemon would (acked, duplicate, retried, dead_lettered, rejected), with the error
+as the dead letter would carry it (``outcome.error``). In a plain ``def`` test, the
+``mayhem_harness`` fixture gives a harness without ``await``:
+``h = mayhem_harness(handle); h.deliver(body, message_id="m-1")``.
 """
 
 from __future__ import annotations
@@ -93,14 +96,17 @@ from {name}.handler import handle
 
 
 def deliver(*messages: tuple[bytes, str]):
-    """Deliver (body, message_id) pairs in order to one harness; return the outcomes."""
+    """Deliver (body, message_id) pairs in order to one harness.
+
+    Returns the outcomes, and the orders the handler stored (committed).
+    """
 
     async def run():
         async with mayhem.testing.Harness(handle, db_url="sqlite:///:memory:") as h:
             outcomes = []
             for body, message_id in messages:
                 outcomes.append(await h.deliver(body, message_id=message_id))
-            return outcomes
+            return outcomes, await h.fetch("SELECT order_id, total FROM orders")
 
     return asyncio.run(run())
 
@@ -110,26 +116,30 @@ def order(order_id: str, total: int) -> bytes:
 
 
 def test_an_order_is_stored_and_acked() -> None:
-    (outcome,) = deliver((order("A-1", 1200), "message-1"))
+    (outcome,), orders = deliver((order("A-1", 1200), "message-1"))
     assert outcome.status == "acked"
+    assert orders == [{{"order_id": "A-1", "total": 1200}}]
 
 
 def test_a_redelivered_order_is_applied_once() -> None:
     same = (order("A-1", 1200), "message-1")
-    first, again = deliver(same, same)
+    (first, again), orders = deliver(same, same)
     assert first.status == "acked"
     assert again.status == "duplicate"
+    assert len(orders) == 1
 
 
 def test_a_negative_total_is_rejected() -> None:
-    (outcome,) = deliver((order("A-2", -5), "message-2"))
+    (outcome,), orders = deliver((order("A-2", -5), "message-2"))
     assert outcome.status == "rejected"
-    assert "total" in outcome.reason
+    assert "total" in outcome.error
+    assert orders == []
 
 
 def test_a_body_that_is_not_json_is_rejected() -> None:
-    (outcome,) = deliver((b"not json", "message-3"))
+    (outcome,), _ = deliver((b"not json", "message-3"))
     assert outcome.status == "rejected"
+    assert outcome.error.startswith("DecodeError")
 '''
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, cast
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -43,6 +43,56 @@ class Delivery:
         self.properties = properties
         self.body = body
         self.body_size = len(body) if body_size is None else body_size
+
+    @classmethod
+    def of(
+        cls,
+        body: bytes,
+        *,
+        exchange: str = "",
+        routing_key: str = "",
+        redelivered: bool = False,
+        delivery_tag: int = 1,
+        max_body: int | None = None,
+        **properties: Any,  # noqa: ANN401 -- pamqp's property types
+    ) -> Delivery:
+        """A delivery as the consuming link hands it on, built without a broker (for tests).
+
+        The properties are encoded by pamqp, as a publisher's client would, and decoded by
+        mayhem's own :func:`~mayhem.amqp.framing.decode_content_header`, so the headers
+        (nested tables, arrays, numbers, timestamps) come out as the link would decode them.
+        The delivery belongs to no link (it is never stale).
+
+        Args:
+            body: the message body.
+            exchange: the exchange it was published to (``""``: the default exchange).
+            routing_key: the routing key it was published with.
+            redelivered: the broker's ``redelivered`` flag.
+            delivery_tag: the delivery tag.
+            max_body: like the link's limit: a larger body is dropped unread (``body`` empty,
+                ``body_size`` kept).
+            **properties: basic properties by pamqp's names: ``message_id``, ``headers``,
+                ``content_type``, ``message_type``, ``user_id``, ``timestamp``, ...; an empty
+                string or ``None`` is absent.
+
+        Raises:
+            TypeError: a property that pamqp cannot encode (a publisher could not send it).
+            ValueError: the same, for a value out of range.
+        """
+        # Imported here: framing imports this module.
+        from pamqp.commands import Basic  # noqa: PLC0415
+        from pamqp.header import ContentHeader  # noqa: PLC0415
+
+        from mayhem.amqp.framing import decode_content_header  # noqa: PLC0415
+
+        header = ContentHeader(0, len(body), Basic.Properties(**properties)).marshal()
+        size, decoded = decode_content_header(header)
+        dropped = max_body is not None and size > max_body
+        link = cast("Link", _DETACHED)
+        return cls(
+            link, delivery_tag, redelivered, exchange, routing_key, decoded,
+            b"" if dropped else bytes(body), size,
+        )  # fmt: skip
 
     @property
     def stale(self) -> bool:
@@ -98,6 +148,15 @@ class Delivery:
     def app_id(self) -> str | None:
         """The ``app_id`` property."""
         return self.properties.app_id
+
+
+class _Detached:
+    """The link of a delivery built by :meth:`Delivery.of`: none, so never closed."""
+
+    closed = False
+
+
+_DETACHED: Final = _Detached()
 
 
 class Properties:

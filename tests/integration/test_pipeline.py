@@ -10,6 +10,8 @@ import pytest
 import sample_handlers
 from mayhem_testing import drain, oracle, publish, rows, wait_until
 
+from mayhem.message import content_id
+
 
 async def _applied(db_url: str) -> int:
     return (await rows(db_url, "SELECT count(*) FROM applied"))[0][0]
@@ -146,6 +148,8 @@ async def test_missing_message_id_is_dead_lettered(amqp, make_config, run_daemon
         )
     dead = await drain(amqp, config.dead_queue)
     assert "missing message_id" in dead[0].headers["x-mayhem-error"]
+    # Its copy keeps the content id, not a random one: replaying it twice applies it once.
+    assert dead[0].message_id == content_id(b'{"a": 1}')
     assert await _applied(config.db_url) == 0
 
 

@@ -1,10 +1,8 @@
-"""Handler loading by import path, handler_setup, and the demo handler on a real SQLite store."""
+"""Handler loading by import path, handler_setup, and the demo handler run by the test kit."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import sqlite3
 import sys
 import textwrap
@@ -16,6 +14,7 @@ import mayhem
 from mayhem.exceptions import ConfigError
 from mayhem.handlers import DemoHandler, handler_setup, load_handler
 from mayhem.message import Context, Message
+from mayhem.testing import Harness
 
 HANDLER_SOURCE = """
     async def handle(message, ctx):
@@ -196,95 +195,89 @@ def test_handler_setup_of_demo_handler():
     assert setup.__func__ is DemoHandler.setup  # type: ignore[attr-defined]
 
 
-# -- DemoHandler on SQLite ------------------------------------------------------------------
+# -- DemoHandler, run by the test kit as the daemon runs it -----------------------------------
 
 
-LOG = logging.LoggerAdapter(logging.getLogger("tests.demo"), {})
+def host(name: object) -> bytes:
+    return json.dumps({"host": name}).encode()
 
 
-def demo_message(data: object, message_id: str = "m-1") -> Message:
-    return Message(message_id=message_id, body=json.dumps(data).encode())
+async def restarts(h) -> list[tuple[object, ...]]:
+    found = await h.fetch("SELECT message_id, host, delay FROM restarts ORDER BY message_id")
+    return [(row["message_id"], row["host"], row["delay"]) for row in found]
 
 
-def restarts(store) -> list[tuple[object, ...]]:
-    with contextlib.closing(sqlite3.connect(store.path)) as db:
-        return db.execute("SELECT message_id, host, delay FROM restarts").fetchall()
-
-
-async def test_demo_setup_creates_restarts(store):
+async def test_demo_setup_creates_restarts(tmp_path):
     """The demo handler's setup creates the restarts table, and running it twice is fine."""
-    handler = DemoHandler(max_delay=0)
-    await store.run_setup(handler.setup)
-    await store.run_setup(handler.setup)
-    assert restarts(store) == []
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    for _ in range(2):
+        async with Harness(DemoHandler(max_delay=0), db_url=url) as h:
+            assert await restarts(h) == []
 
 
-async def test_demo_records_the_restart(store):
-    """A {"host": ...} message inserts one row through the message's transaction."""
-    handler = DemoHandler(max_delay=0)
-    await store.run_setup(handler.setup)
-    async with store.transaction() as tx:
-        await handler(demo_message({"host": "h"}), Context(db=tx, log=LOG))
-        assert restarts(store) == []  # not committed yet
-        assert await tx.claim("q", "m-1") is True
-    assert restarts(store) == [("m-1", "h", 0.0)]
+async def test_demo_records_the_restart_once(db_url):
+    """A {"host": ...} message inserts one row with its inbox row; a redelivery is a duplicate.
+
+    On SQLite and PostgreSQL.
+    """
+    async with Harness(DemoHandler(max_delay=0), db_url=db_url) as h:
+        first = await h.deliver(host("h"), message_id="m-1")
+        again = await h.deliver(host("h"), message_id="m-1")
+        assert (first.status, again.status) == ("acked", "duplicate")
+        assert await restarts(h) == [("m-1", "h", 0.0)]
+        assert await h.seen("m-1")
 
 
-async def test_demo_rolls_back_with_the_transaction(store):
-    """The demo's row rolls back when the message's transaction does."""
-    handler = DemoHandler(max_delay=0)
-    await store.run_setup(handler.setup)
+async def test_demo_rolls_back_with_the_transaction():
+    """The demo's row rolls back when the message's transaction does (a failure after it)."""
+    demo = DemoHandler(max_delay=0)
 
-    async def failing_worker() -> None:
-        async with store.transaction() as tx:
-            await handler(demo_message({"host": "h"}), Context(db=tx, log=LOG))
-            raise RuntimeError
+    async def then_fails(message: Message, ctx: Context) -> None:
+        await demo(message, ctx)
+        raise RuntimeError("after the insert")
 
-    with pytest.raises(RuntimeError):
-        await failing_worker()
-    assert restarts(store) == []
-
-
-async def test_demo_same_message_twice_fails(store):
-    """restarts.message_id is unique: the same message applied twice fails the second time."""
-    handler = DemoHandler(max_delay=0)
-    await store.run_setup(handler.setup)
-    async with store.transaction() as tx:
-        await handler(demo_message({"host": "h"}), Context(db=tx, log=LOG))
-    with pytest.raises(sqlite3.IntegrityError):
-        async with store.transaction() as tx:
-            await handler(demo_message({"host": "h"}), Context(db=tx, log=LOG))
-    assert len(restarts(store)) == 1
+    then_fails.setup = demo.setup  # type: ignore[attr-defined]
+    async with Harness(then_fails, max_attempts=2) as h:
+        outcomes = await h.deliver_until_settled(host("h"), message_id="m-1")
+        assert [o.status for o in outcomes] == ["retried", "dead_lettered"]
+        assert outcomes[-1].error == "RuntimeError: after the insert"
+        assert await restarts(h) == []
 
 
-async def test_demo_delay_is_at_most_max_delay(store):
+async def test_demo_restarts_are_unique_by_message_id():
+    """restarts.message_id is unique: the same message's row cannot be inserted twice."""
+    async with Harness(DemoHandler(max_delay=0)) as h:
+        await h.deliver(host("h"), message_id="m-1")
+        with pytest.raises(sqlite3.IntegrityError):
+            await h.execute("INSERT INTO restarts VALUES ($1, $2, $3, $4)", "m-1", "h", 0.0, 0.0)
+        assert len(await restarts(h)) == 1
+
+
+async def test_demo_delay_is_at_most_max_delay():
     """With max_delay > 0, the recorded delay lies between 0 and max_delay."""
-    handler = DemoHandler(max_delay=0.01)
-    await store.run_setup(handler.setup)
-    async with store.transaction() as tx:
-        await handler(demo_message({"host": "h"}), Context(db=tx, log=LOG))
-    [(_, _, delay)] = restarts(store)
+    async with Harness(DemoHandler(max_delay=0.01)) as h:
+        assert (await h.deliver(host("h"))).status == "acked"
+        [(_, _, delay)] = await restarts(h)
     assert 0.0 <= delay <= 0.01
 
 
 @pytest.mark.parametrize(
     "data", [{}, {"hostname": "h"}, {"host": ""}, {"host": 5}, {"host": None}, ["h"], "h"]
 )
-async def test_demo_without_host_rejects(store, data):
-    """A body without a non-empty string host raises Reject and writes nothing."""
-    handler = DemoHandler(max_delay=0)
-    await store.run_setup(handler.setup)
-    with pytest.raises(mayhem.Reject) as info:
-        async with store.transaction() as tx:
-            await handler(demo_message(data), Context(db=tx, log=LOG))
-    assert "host" in info.value.reason
-    assert not isinstance(info.value, mayhem.DecodeError)
-    assert restarts(store) == []
+async def test_demo_without_host_rejects(data):
+    """A body without a non-empty string host is rejected (dead-lettered) and writes nothing."""
+    async with Harness(DemoHandler(max_delay=0)) as h:
+        outcome = await h.deliver(json.dumps(data).encode())
+        assert (outcome.status, outcome.reason, outcome.attempt) == ("rejected", "rejected", 1)
+        assert outcome.error == "Reject: demo message needs a non-empty string 'host'"
+        assert not isinstance(outcome.exception, mayhem.DecodeError)
+        assert await restarts(h) == []
 
 
-async def test_demo_non_json_is_a_decode_error(store):
-    """A body that is not JSON raises DecodeError."""
-    handler = DemoHandler(max_delay=0)
-    async with store.transaction() as tx:
-        with pytest.raises(mayhem.DecodeError):
-            await handler(Message(message_id="m", body=b"restart h"), Context(db=tx, log=LOG))
+async def test_demo_non_json_is_a_decode_error():
+    """A body that is not JSON is rejected as a DecodeError."""
+    async with Harness(DemoHandler(max_delay=0)) as h:
+        outcome = await h.deliver(b"restart h")
+    assert (outcome.status, outcome.reason) == ("rejected", "rejected")
+    assert isinstance(outcome.exception, mayhem.DecodeError)
+    assert outcome.error.startswith("DecodeError: body is not valid JSON")

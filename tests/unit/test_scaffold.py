@@ -131,3 +131,21 @@ def test_every_commented_line_uncommented_gives_the_defaults(tmp_path):
     effective, default = loaded.masked(), defaults.masked()  # prefetch, retry_delays computed
     for key in set(SETTINGS) - own - {"log_format"}:  # log_format's default depends on a tty
         assert effective[key] == default[key], key
+
+
+def test_the_generated_tests_pass(tmp_path):
+    """The tutorial's step 3: `mayhem init`, then `python -m pytest tests` passes, no broker."""
+    init("myapp", tmp_path)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST")}
+    args = ["tests", "-q", "-p", "no:cacheprovider", "-p", "no:asyncio", "-W", "error"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4 passed" in done.stdout
