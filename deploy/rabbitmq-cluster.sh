@@ -109,11 +109,17 @@ EOF
 }
 
 await_node() {
-    local node=$1
-    if ! ctl "$node" await_startup --timeout "$WAIT_SECONDS" >/dev/null 2>&1; then
-        tail -n 20 "$STATE/mayhem-$node/log/"*.log 2>/dev/null >&2 || true
-        die "$(node_name "$node") did not start within $WAIT_SECONDS s (logs: $STATE/mayhem-$node/log)"
-    fi
+    local node=$1 deadline=$((SECONDS + WAIT_SECONDS))
+    # await_startup fails at once while the node's Erlang VM is not up yet: ask again until
+    # the deadline.
+    until ctl "$node" await_startup --timeout 10 >/dev/null 2>&1; do
+        if ((SECONDS >= deadline)); then
+            tail -n 20 "$STATE/mayhem-$node/log/"*.log 2>/dev/null >&2 || true
+            say "$(node_name "$node") did not start within $WAIT_SECONDS s (logs: $STATE/mayhem-$node/log)"
+            return 1
+        fi
+        sleep 1
+    done
 }
 
 member_of_a() {
@@ -122,12 +128,18 @@ member_of_a() {
         grep -qx "$(node_name "$1")"
 }
 
+# A start that failed half way stops what it started, so nothing is left running.
+abandon() {
+    cmd_stop >&2 || true
+    die "the cluster did not come up; stopped what had started"
+}
+
 cmd_start() {
     for node in "${NODES[@]}"; do
         start_node "$node"
     done
     for node in "${NODES[@]}"; do
-        await_node "$node"
+        await_node "$node" || abandon
     done
     for node in "${NODES[@]:1}"; do
         if member_of_a "$node"; then
@@ -138,7 +150,7 @@ cmd_start() {
         quiet "$node" reset
         quiet "$node" join_cluster "$(node_name a)"
         quiet "$node" start_app
-        await_node "$node"
+        await_node "$node" || abandon
     done
     say "cluster up: amqp://guest:guest@127.0.0.1:5681,127.0.0.1:5682,127.0.0.1:5683/"
 }

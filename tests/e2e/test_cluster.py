@@ -64,8 +64,8 @@ def leader_of(queue: str, ask: str) -> str:
 @pytest.fixture(scope="session")
 def cluster():
     """The three nodes, clustered; stopped (and their data deleted) after the session."""
-    subprocess.run(["bash", str(SCRIPT), "start"], check=True, timeout=300)
     try:
+        subprocess.run(["bash", str(SCRIPT), "start"], check=True, timeout=300)
         yield
     finally:
         subprocess.run(["bash", str(SCRIPT), "stop"], check=False, timeout=300)
