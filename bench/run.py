@@ -2,6 +2,8 @@
 
 Usage: .venv/bin/python bench/run.py [--messages 20000] [--rounds 3] [--quick] [--large]
 
+(``pip install -e '.[test,bench]'`` first: py-spy profiles a contender that misses a goal.)
+
 In one run, each contender in its own process consuming a queue pre-filled with publisher
 confirms and declared as mayhem declares it (durable, 200-byte persistent JSON messages with
 unique ids, manual acks):
