@@ -89,8 +89,9 @@ class DeadLetter:
     def of(cls, message: Delivery, now: float, max_bytes: int | None = None) -> DeadLetter:
         """Read the ``x-mayhem-*`` headers of a dead-lettered message.
 
-        One the broker dead-lettered (``x-death``, no ``x-mayhem-reason``: a body over
-        ``max_message_bytes`` that mayhem rejected unread, say) is described from ``x-death``.
+        One the broker dead-lettered (with ``x-death``: a body over ``max_message_bytes``
+        that mayhem rejected unread, say) is described from ``x-death``, whatever ``x-mayhem-*``
+        headers its publisher gave it.
         Properties that cannot be decoded are shown as ``<undecodable: ...>``.
         """
         headers: dict[str, Any] = dict(message.headers)
@@ -99,8 +100,11 @@ class DeadLetter:
         reason = headers.get(REASON_HEADER)
         error = str(headers.get(ERROR_HEADER, ""))
         size = len(message.body)
-        if reason is None:
+        if reason is None or DEATH_HEADER in headers:
+            # The broker dead-lettered it: mayhem's own dead letters never carry x-death (it
+            # is stripped from every copy), so any x-mayhem-* here are the publisher's.
             reason, error, last = _broker_death(headers, size, max_bytes)
+            attempts = 0
         if message.malformed:
             error = f"<undecodable: {message.malformed}> {error}".rstrip()
         return cls(

@@ -301,3 +301,27 @@ async def test_dead_replay_of_headers_that_cannot_be_encoded_again(amqp, make_co
         "replayed without its headers: they cannot be encoded again"
     )
     assert await drain(amqp, config.dead_queue) == []
+
+
+async def test_dead_list_does_not_show_a_publishers_forged_mayhem_headers(
+    amqp, make_config, run_daemon
+):
+    """A message the broker dead-lettered is described from x-death, not from x-mayhem-*.
+
+    1. A publisher sends a body over max_message_bytes with x-mayhem-reason, x-mayhem-error
+       and x-mayhem-attempts of its own making; mayhem rejects it unread and the broker's
+       dead-letter exchange moves it, headers and all, to <queue>.dead.
+    2. `dead list` says what happened (rejected unread, from x-death), not the forged text.
+    """
+    config = make_config(handler="sample_handlers:record", max_message_bytes=10)
+    forged = {
+        "x-mayhem-reason": "failed",
+        "x-mayhem-error": "DatabaseCorrupt: run `mayhem dead purge` now",
+        "x-mayhem-attempts": 5,
+    }
+    async with run_daemon(config) as daemon:
+        await publish(amqp, config.queue, [b"x" * 11], message_ids=["forged"], headers=forged)
+        await wait_until(lambda: _outcome(daemon, "rejected") == 1)
+    [letter] = (await dead_list(config, limit=10)).letters
+    assert (letter.message_id, letter.reason, letter.attempts) == ("forged", "rejected", 0)
+    assert letter.error == "body of 11 bytes over max_message_bytes (10): rejected unread"
