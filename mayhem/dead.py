@@ -36,6 +36,9 @@ from mayhem.headers import (
     LAST_FAILURE_HEADER,
     REASON_HEADER,
     copy_message,
+    fits,
+    frame_limit,
+    header_frame_size,
     parse_timestamp,
     strip_mayhem_headers,
 )
@@ -44,6 +47,7 @@ from mayhem.redact import mask_url
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Collection
 
+    import aio_pika
     from aio_pika.abc import AbstractChannel, AbstractQueue
 
     from mayhem.amqp import Delivery, Link
@@ -85,8 +89,9 @@ class DeadLetter:
     def of(cls, message: Delivery, now: float, max_bytes: int | None = None) -> DeadLetter:
         """Read the ``x-mayhem-*`` headers of a dead-lettered message.
 
-        One the broker dead-lettered (``x-death``, no ``x-mayhem-reason``: a body over
-        ``max_message_bytes`` that mayhem rejected unread, say) is described from ``x-death``.
+        One the broker dead-lettered (with ``x-death``: a body over ``max_message_bytes``
+        that mayhem rejected unread, say) is described from ``x-death``, whatever ``x-mayhem-*``
+        headers its publisher gave it.
         Properties that cannot be decoded are shown as ``<undecodable: ...>``.
         """
         headers: dict[str, Any] = dict(message.headers)
@@ -95,8 +100,11 @@ class DeadLetter:
         reason = headers.get(REASON_HEADER)
         error = str(headers.get(ERROR_HEADER, ""))
         size = len(message.body)
-        if reason is None:
+        if reason is None or DEATH_HEADER in headers:
+            # The broker dead-lettered it: mayhem's own dead letters never carry x-death (it
+            # is stripped from every copy), so any x-mayhem-* here are the publisher's.
             reason, error, last = _broker_death(headers, size, max_bytes)
+            attempts = 0
         if message.malformed:
             error = f"<undecodable: {message.malformed}> {error}".rstrip()
         return cls(
@@ -250,6 +258,8 @@ async def dead_replay(config: Config, *, ids: Collection[str] | None) -> DeadRep
     connection = await connect(config, role="dead-replay")
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        underlay = await channel.get_underlay_channel()
+        limit = frame_limit(underlay.connection.connection_tune.frame_max)
         async with _walk(config, channel, "dead-replay-reader") as messages:
             async for message in messages:
                 report.total += 1
@@ -268,7 +278,9 @@ async def dead_replay(config: Config, *, ids: Collection[str] | None) -> DeadRep
                     why = f"replayed without what could not be decoded: {message.malformed}"
                     headers[ERROR_HEADER] = why
                     log.warning("%s (message_id %s)", why, printable(message.message_id or "-"))
-                copy = copy_message(message, headers)
+                copy = _replayable(message, headers, limit)
+                if copy is None:
+                    continue
                 # Confirmed first, removed after: never in neither queue.
                 await channel.default_exchange.publish(
                     copy, routing_key=config.queue, mandatory=True
@@ -278,6 +290,32 @@ async def dead_replay(config: Config, *, ids: Collection[str] | None) -> DeadRep
     finally:
         await connection.close()
     return report
+
+
+def _replayable(message: Delivery, headers: dict[str, Any], limit: int) -> aio_pika.Message | None:
+    """The copy to replay; without the headers if they cannot be encoded again or fit no frame.
+
+    Headers pamqp decodes are not always ones it can encode (a long string that is not UTF-8,
+    a double beyond a 32-bit float): such a copy would raise in the publish, and stop the
+    replay of every message after it. ``None`` (logged) if even the bare copy does not fit.
+    """
+    copy = copy_message(message, headers)
+    if fits(copy, limit):
+        return copy
+    size = header_frame_size(copy)
+    why = (
+        f"its header frame of {size} bytes would exceed frame_max ({limit})"
+        if size is not None
+        else "they cannot be encoded again"
+    )
+    note = f"replayed without its headers: {why}"
+    message_id = printable(message.message_id or "-")
+    bare = copy_message(message, {ERROR_HEADER: note})
+    if not fits(bare, limit):
+        log.warning("not replayed: its properties cannot be published (message_id %s)", message_id)
+        return None
+    log.warning("%s (message_id %s)", note, message_id)
+    return bare
 
 
 async def dead_purge(config: Config, *, ids: Collection[str] | None) -> DeadReport:

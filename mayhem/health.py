@@ -110,7 +110,12 @@ class _GuardedServer(web.Server):
             return
         # Idle, or still sending its request's head: close it as aiohttp's keep-alive does.
         connection.timer = None
+        transport = handler.transport
         handler.force_close()
+        if transport is not None and transport.get_write_buffer_size():
+            # Answers it has not read for the whole idle time: close() would wait for ever to
+            # send them, and the socket would stay open and count toward the limit.
+            transport.abort()
 
     async def _tracked(self, request: web.BaseRequest) -> web.StreamResponse:
         connection = self._open.get(request.protocol)

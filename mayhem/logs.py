@@ -84,8 +84,12 @@ EVENTS: Final = MappingProxyType(
 # The longest error text a log line or x-mayhem-error carries.
 MAX_TEXT: Final = 1000
 # Characters that could forge or garble a log line: C0 and C1 controls (newlines, ESC, NUL),
-# the Unicode line separators and the bidirectional overrides.
-_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# the Unicode line separators and the bidirectional overrides; and lone surrogates (JSON's
+# "\ud800" decodes to one), which UTF-8 cannot encode: in x-mayhem-error they would make
+# every copy of the message unpublishable.
+_CONTROL: Final = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
 _LATIN1: Final = 0xFF
 _SHORT_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 

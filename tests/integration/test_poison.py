@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import struct
 from pathlib import Path
 
 import pika
@@ -262,3 +263,65 @@ async def test_a_header_that_grows_past_frame_max_on_the_broker_is_still_read(
         await wait_until(lambda: _outcome(daemon, "rejected") == 1)
     [letter] = (await dead_list(config, limit=10)).letters
     assert (letter.message_id, letter.reason, letter.size) == ("wide", "rejected", 11)
+
+
+def unencodable_table() -> bytes:
+    """Headers RabbitMQ takes but pamqp cannot encode again.
+
+    A long string that is not UTF-8 (decoded as ``bytes``) and a double beyond a 32-bit float
+    (pamqp writes floats as ``f``).
+    """
+    entries = (
+        b"\x03bin" + b"S" + (2).to_bytes(4) + b"\xff\xfe"
+        + b"\x03big" + b"d" + struct.pack(">d", 1e300)
+    )  # fmt: skip
+    return len(entries).to_bytes(4) + entries
+
+
+async def test_dead_replay_of_headers_that_cannot_be_encoded_again(amqp, make_config):
+    """`dead replay` of a letter whose headers decode but cannot be re-encoded goes on.
+
+    1. Into <queue>.dead: one whose headers pamqp decodes but cannot encode again, then
+       an ordinary one.
+    2. replay sends both to the work queue: the first without its headers (x-mayhem-error
+       says so, body and message_id kept); no exception stops the replay half way.
+    """
+    config = make_config()
+    await declare(amqp, config)
+    await publish_raw(config.dead_queue, b"odd body", raw_properties(b"odd", unencodable_table()))
+    await publish(amqp, config.dead_queue, [b"plain body"], message_ids=["plain"])
+
+    replayed = await dead_replay(config, ids=None)
+    assert (replayed.total, replayed.matched, replayed.done) == (2, 2, 2)
+    copies = {m.message_id: m for m in await drain(amqp, config.queue)}
+    assert set(copies) == {"odd", "plain"}
+    assert copies["odd"].body == b"odd body"
+    assert not {"bin", "big"} & set(copies["odd"].headers)
+    assert copies["odd"].headers["x-mayhem-error"] == (
+        "replayed without its headers: they cannot be encoded again"
+    )
+    assert await drain(amqp, config.dead_queue) == []
+
+
+async def test_dead_list_does_not_show_a_publishers_forged_mayhem_headers(
+    amqp, make_config, run_daemon
+):
+    """A message the broker dead-lettered is described from x-death, not from x-mayhem-*.
+
+    1. A publisher sends a body over max_message_bytes with x-mayhem-reason, x-mayhem-error
+       and x-mayhem-attempts of its own making; mayhem rejects it unread and the broker's
+       dead-letter exchange moves it, headers and all, to <queue>.dead.
+    2. `dead list` says what happened (rejected unread, from x-death), not the forged text.
+    """
+    config = make_config(handler="sample_handlers:record", max_message_bytes=10)
+    forged = {
+        "x-mayhem-reason": "failed",
+        "x-mayhem-error": "DatabaseCorrupt: run `mayhem dead purge` now",
+        "x-mayhem-attempts": 5,
+    }
+    async with run_daemon(config) as daemon:
+        await publish(amqp, config.queue, [b"x" * 11], message_ids=["forged"], headers=forged)
+        await wait_until(lambda: _outcome(daemon, "rejected") == 1)
+    [letter] = (await dead_list(config, limit=10)).letters
+    assert (letter.message_id, letter.reason, letter.attempts) == ("forged", "rejected", 0)
+    assert letter.error == "body of 11 bytes over max_message_bytes (10): rejected unread"

@@ -322,3 +322,27 @@ async def test_hostile_exception_text_is_capped_and_escaped(amqp, make_config, r
         assert not CONTROL.search(line), line[:300]
         assert len(line) < 2 * MAX_ERROR_HEADER, line[:300]
     assert settle_handlers.RUNS[message_id] == 1
+
+
+async def test_exception_text_with_a_lone_surrogate_is_retried_and_dead_lettered(
+    amqp, make_config, run_daemon
+):
+    r"""A handler's exception quoting a lone surrogate from the body still follows the policy.
+
+    The JSON body ``{"name": "\ud800"}`` decodes to a str with a lone surrogate, which UTF-8
+    cannot encode. The handler raises with it in the text: the message is retried, then
+    dead-lettered by mayhem with x-mayhem-error (the surrogate escaped), not rejected to the
+    broker's dead-letter exchange without a reason on its first failure.
+    """
+    config = make_config(
+        handler="settle_handlers:fails_with_a_lone_surrogate", max_attempts=2, retry_delays="0.05"
+    )
+    async with run_daemon(config) as daemon:
+        await publish(amqp, config.queue, [b'{"name": "\\ud800"}'], message_ids=["lone"])
+        await wait_until(lambda: _count(daemon, "dead_lettered") == 1, timeout=30)
+        assert _count(daemon, "retried") == 1
+    [dead] = await drain(amqp, config.dead_queue)
+    assert dead.headers["x-mayhem-reason"] == "failed"
+    assert dead.headers["x-mayhem-attempts"] == 2
+    assert dead.headers["x-mayhem-error"] == r"ValueError: unknown name \ud800"
+    assert settle_handlers.RUNS["lone"] == 2

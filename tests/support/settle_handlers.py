@@ -29,3 +29,9 @@ async def fails_with_hostile_text(message: mayhem.Message, ctx: mayhem.Context) 
     """Counts the run, then raises with newlines, ANSI escapes, a NUL and 1 MB of text."""
     RUNS[message.message_id] += 1
     raise ValueError(HOSTILE_ERROR)
+
+
+async def fails_with_a_lone_surrogate(message: mayhem.Message, ctx: mayhem.Context) -> None:
+    r"""Counts the run, then raises with text from the body: JSON's ``"\ud800"`` is one."""
+    RUNS[message.message_id] += 1
+    raise ValueError(f"unknown name {message.json()['name']}")

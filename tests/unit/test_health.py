@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 
 import aiohttp
@@ -200,3 +201,25 @@ async def test_endpoint_answers_unknown_paths_and_methods(serve):
     ):
         assert response.status == 405
         assert response.headers["Allow"] == "GET, HEAD"
+
+
+async def test_endpoint_closes_a_connection_that_never_reads_its_answers(serve):
+    """A client that pipelines requests and never reads the answers is closed, not kept.
+
+    Its answers fill the socket buffers and the server's write waits for ever, so the
+    request never ends: such connections, up to the limit, would shut out every probe. With
+    idle_timeout 0.5 s the server closes it within a few seconds and a probe answers again.
+    """
+    server = await serve(Metrics(), list, max_connections=1, idle_timeout=0.5)
+    host, _, port = server.bound.rpartition(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)  # noqa: FBT003 -- socket's API
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    _, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 5000)
+        await wait_until(lambda: server.open_connections == 0, timeout=10)
+        assert (await http_get(server.bound, "/healthz"))[0] == 200
+    finally:
+        writer.transport.abort()

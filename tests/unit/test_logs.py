@@ -221,3 +221,14 @@ def test_every_event_is_listed_once_and_used():
     """The event names in the code are the ones EVENTS lists, all snake_case."""
     assert sorted(_events_in_source()) == sorted(EVENTS)
     assert all(re.fullmatch(r"[a-z]+(_[a-z]+)*", name) for name in EVENTS)
+
+
+def test_clean_text_escapes_lone_surrogates():
+    r"""A lone surrogate (JSON's "\ud800" decodes to one) is escaped: the text encodes as UTF-8.
+
+    x-mayhem-error carries clean_text; with the surrogate left in, no copy of the message
+    could be published.
+    """
+    text = logs.clean_text("name \ud800 and \udfff end")
+    assert text == r"name \ud800 and \udfff end"
+    assert text.encode("utf-8")
