@@ -7,6 +7,7 @@ writes back, and what is counted here is every run, failed or not.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 import mayhem
@@ -29,3 +30,17 @@ async def fails_with_hostile_text(message: mayhem.Message, ctx: mayhem.Context) 
     """Counts the run, then raises with newlines, ANSI escapes, a NUL and 1 MB of text."""
     RUNS[message.message_id] += 1
     raise ValueError(HOSTILE_ERROR)
+
+
+# Set by a test: the first run of each message tells STARTED, then waits for GATE to fail.
+STARTED: asyncio.Event | None = None
+GATE: asyncio.Event | None = None
+
+
+async def fails_after_gate(message: mayhem.Message, ctx: mayhem.Context) -> None:
+    """Counts the run; the first run waits for GATE (when a test set it); then raises."""
+    RUNS[message.message_id] += 1
+    if RUNS[message.message_id] == 1 and STARTED is not None and GATE is not None:
+        STARTED.set()
+        await GATE.wait()
+    raise RuntimeError(f"attempt {message.attempt} fails")
