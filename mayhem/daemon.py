@@ -400,9 +400,14 @@ class Daemon:
     def resize_workers(self, count: int) -> None:
         """Start workers up to ``count``, or tell the surplus to exit after their message."""
         self._worker_tasks = [task for task in self._worker_tasks if not task.done()]
-        for _ in range(count - len(self._worker_tasks)):
-            self._worker_tasks.append(self._task_group.create_task(self.workers.run()))
-        self.buffer.stop_workers(len(self._worker_tasks) - count)
+        # Workers told to exit by an earlier reload and still busy are not staying.
+        staying = len(self._worker_tasks) - self.buffer.exiting
+        if count > staying:
+            kept = self.buffer.keep_workers(count - staying)
+            for _ in range(count - staying - kept):
+                self._worker_tasks.append(self._task_group.create_task(self.workers.run()))
+        else:
+            self.buffer.stop_workers(staying - count)
 
     def not_ready(self) -> list[str]:
         """Why the daemon is not ready; empty when it is (``/readyz``)."""
