@@ -144,3 +144,21 @@ async def gated(message: mayhem.Message, ctx: mayhem.Context) -> None:
     gate = GATE
     if gate is not None:
         await gate.wait()
+
+
+# Cleared by a test once it is done with the handler below, so that its task can end.
+SWALLOW_CANCEL = True
+
+
+async def swallows_cancel(message: mayhem.Message, ctx: mayhem.Context) -> None:
+    """Notes the message in STARTED, then waits, swallowing every CancelledError (a bug)."""
+    STARTED.append(message.message_id)
+    while True:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            if not SWALLOW_CANCEL:
+                raise
+
+
+swallows_cancel.setup = _setup  # type: ignore[attr-defined]
