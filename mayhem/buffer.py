@@ -65,6 +65,30 @@ class Buffer:
         for _ in range(count):
             self._queue.put_nowait(None)
 
+    @property
+    def exiting(self) -> int:
+        """Exit sentinels no worker has taken yet: workers told to exit that still run."""
+        return sum(item is None for item in self._queue._queue)  # type: ignore[attr-defined]  # noqa: SLF001
+
+    def keep_workers(self, count: int) -> int:
+        """Take back up to ``count`` exit sentinels not taken yet; return how many.
+
+        A reload up while workers are still due to exit keeps them rather than starting new
+        ones beside them: the sentinels never outnumber the workers, so they always fit.
+        """
+        queue = self._queue
+        kept: list[Delivery | None] = []
+        taken = 0
+        while not queue.empty():
+            item = queue.get_nowait()
+            if item is None and taken < count:
+                taken += 1
+            else:
+                kept.append(item)
+        for item in kept:
+            queue.put_nowait(item)
+        return taken
+
     def requeue(self) -> int:
         """Hand every buffered delivery back to the broker; return how many went back.
 

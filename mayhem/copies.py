@@ -82,6 +82,7 @@ class Sent(enum.Enum):
     REFUSED = "refused"  # would fail the same way again (or no copy fits a frame)
     DOWN = "down"  # the publishing connection is down: nothing was sent; may heal
     UNCONFIRMED = "unconfirmed"  # sent on a connection that failed or was slow; may heal
+    STALE = "stale"  # the original's link is gone (the broker has it back): nothing was sent
 
 
 @final
@@ -115,6 +116,10 @@ class Copies:
         limit = await self._frame_limit()
         if limit is None:
             return Sent.DOWN
+        if delivery.stale:
+            # The broker has requeued the original already: a copy now would be a second
+            # message, run beside the redelivered original.
+            return Sent.STALE
         now = timestamp()
         headers = carried_headers(delivery)
         headers.update(
@@ -160,6 +165,8 @@ class Copies:
         limit = await self._frame_limit()
         if limit is None:
             return Sent.DOWN
+        if delivery.stale:
+            return Sent.STALE  # as for a retry: the redelivered original is dead-lettered
         now = timestamp()
         headers = carried_headers(delivery)
         headers.update(

@@ -127,6 +127,8 @@ class Daemon:
         self.workers: Workers | NullWorkers = NullWorkers()
         self._tg: asyncio.TaskGroup | None = None
         self._worker_tasks: list[asyncio.Task[None]] = []
+        # Workers whose handler swallowed its cancellation: left running, never waited for.
+        self.abandoned: list[asyncio.Task[None]] = []
         self._jobs: list[asyncio.Task[Any]] = []  # stopped at step 2
         self._watchers: list[asyncio.Task[Any]] = []  # watch the shutdown; stopped last
         self._started = False
@@ -325,6 +327,9 @@ class Daemon:
                 extra={"event": "handlers_cancelled", "why": reason, "cancelled": cancelled},
             )
             await cancel_all(pending, self.deadlines, msg=f"{why}: message requeued")
+            # A handler that swallows CancelledError never ends: its worker is left behind,
+            # not waited for (its message goes back when the consuming connection closes).
+            self.abandoned = [task for task in pending if not task.done()]
         self.shutdown_requeued += self.workers.cancelled
         # Deliveries that raced with basic.cancel and landed behind the exit sentinels.
         late = self.buffer.requeue()
@@ -400,9 +405,33 @@ class Daemon:
     def resize_workers(self, count: int) -> None:
         """Start workers up to ``count``, or tell the surplus to exit after their message."""
         self._worker_tasks = [task for task in self._worker_tasks if not task.done()]
-        for _ in range(count - len(self._worker_tasks)):
-            self._worker_tasks.append(self._task_group.create_task(self.workers.run()))
-        self.buffer.stop_workers(len(self._worker_tasks) - count)
+        # Workers told to exit by an earlier reload and still busy are not staying.
+        staying = len(self._worker_tasks) - self.buffer.exiting
+        if count > staying:
+            kept = self.buffer.keep_workers(count - staying)
+            for _ in range(count - staying - kept):
+                self._worker_tasks.append(self._start_worker())
+        else:
+            self.buffer.stop_workers(staying - count)
+
+    def _start_worker(self) -> asyncio.Task[None]:
+        """A worker task, owned here but not by the task group.
+
+        The task group's exit waits for every task in it, and a handler that swallows its
+        CancelledError never ends: the shutdown would hang for ever. The drain gives up on such
+        a worker instead (:attr:`abandoned`). A worker that fails stops the daemon, exit 1, as
+        the task group would.
+        """
+        task = asyncio.get_running_loop().create_task(self.workers.run())
+        task.add_done_callback(self._worker_done)
+        return task
+
+    def _worker_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.critical("a worker failed; stopping", exc_info=task.exception())
+        self.exit_code = 1
+        self.signals.stop_requested.set()
 
     def not_ready(self) -> list[str]:
         """Why the daemon is not ready; empty when it is (``/readyz``)."""
@@ -450,5 +479,17 @@ SHUTDOWN: Final[tuple[Step[Daemon], ...]] = (
 
 def run_daemon(daemon: Daemon, loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> int:
     """Run ``daemon`` on a new loop made by ``loop_factory``; return its exit code."""
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
+    runner = asyncio.Runner(loop_factory=loop_factory)
+    try:
         return runner.run(daemon.run())
+    finally:
+        if daemon.abandoned:
+            # The runner's clean-up would cancel them and wait for ever: close the loop as is.
+            log.warning(
+                "exiting with %d handlers that ignored their cancellation",
+                len(daemon.abandoned),
+                extra={"event": "handler_tasks_left", "count": len(daemon.abandoned)},
+            )
+            runner.get_loop().close()
+        else:
+            runner.close()

@@ -52,6 +52,12 @@ class NullBuffer:
     def stop_workers(self, count: int) -> None:
         """No worker runs."""
 
+    exiting = 0
+
+    def keep_workers(self, count: int) -> int:  # noqa: ARG002 -- the Buffer's signature
+        """No worker was told to exit."""
+        return 0
+
     def requeue(self) -> int:
         """Nothing was delivered."""
         return 0

@@ -31,7 +31,8 @@ the copy can change the verdict:
   ``max_attempts`` dead-letters, so the handler never runs more than ``max_attempts`` times.
 
 A delivery whose link is gone is not counted: the settler counts it as stale, and the broker
-redelivers it (the inbox knows it if it was applied).
+redelivers it (the inbox knows it if it was applied). A failed run whose link is gone before
+its copy is published publishes none: the redelivered original runs as the next attempt.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class Settle:
         self._dead_lettered = metrics.dead_lettered
         self._rejected = metrics.rejected
         self._requeued = metrics.requeued
+        self._stale = metrics.stale_deliveries
         # Bound once: the consumer calls these for every delivery.
         self.delivered = settler.delivered
         self.flush = settler.flush
@@ -185,6 +187,9 @@ class Settle:
         if isinstance(sent, Unfit):
             await self.dead_letter(delivery, exc, attempt, FAILED, shrink=sent.why)
             return
+        if sent is Sent.STALE:
+            self._stale_run(delivery, exc)
+            return
         if sent is Sent.DOWN:
             self._requeue_run(delivery, exc, "the publishing connection is down")
             return
@@ -214,6 +219,9 @@ class Settle:
         """
         self.attempts.forget(delivery)
         sent = await self._copies.dead_letter(delivery, exc, attempt, reason, shrink)
+        if sent is Sent.STALE:
+            self._stale_run(delivery, exc)
+            return
         if sent is not Sent.CONFIRMED:
             self._reject(delivery, exc, attempt, reason)
             return
@@ -234,6 +242,22 @@ class Settle:
         self.attempts.requeued(delivery)
         log.warning("%s (%s): requeueing, this run counted", why, describe(exc, 200))
         self.requeue(delivery)
+
+    def _stale_run(self, delivery: Delivery, exc: BaseException) -> None:
+        """The consuming link was lost during the run: no copy, the broker redelivers it.
+
+        A retry copy published now would run beside the redelivered original, each counting
+        its own attempts: the handler could run up to twice ``max_attempts`` times. The run
+        is counted instead, so the redelivery runs as the next attempt (on a quorum queue the
+        broker's ``x-delivery-count`` says so too), or is dead-lettered unrun past the last.
+        """
+        self.attempts.requeued(delivery)
+        self._stale.inc()
+        log.warning(
+            "failed run (%s) of a delivery whose consuming connection is gone: no copy "
+            "published; the broker redelivers it, this run counted",
+            describe(exc, 200),
+        )
 
     def _reject(self, delivery: Delivery, exc: BaseException, attempt: int, reason: str) -> None:
         """Leave it to the broker: the work queue's dead-letter exchange routes it to .dead."""

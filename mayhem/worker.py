@@ -121,18 +121,30 @@ class Applier:
             return Outcome.outage(exc)
         except Reject as exc:
             return Outcome.rejected(exc, attempt)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # this worker is cancelled (shutdown): the transaction rolled back
+            # Nobody cancelled this worker: the handler awaited something that was cancelled
+            # (a task of its own, say). A failure like any other; re-raised, it would end
+            # the worker for good, and the redelivered message the next one.
+            return self._failed(exc, attempt)
         except Exception as exc:
-            log.warning(
-                "handler failed: %s",
-                describe(exc),
-                exc_info=log.isEnabledFor(10),
-                extra={"event": "handler_failed"},
-            )
-            return Outcome.failed(exc, attempt)
+            return self._failed(exc, attempt)
         finally:
             self.in_flight -= 1
             self._duration.observe(time.perf_counter() - started)
         return APPLIED if applied else DUPLICATE
+
+    @staticmethod
+    def _failed(exc: BaseException, attempt: int) -> Outcome:
+        log.warning(
+            "handler failed: %s",
+            describe(exc),
+            exc_info=log.isEnabledFor(10),
+            extra={"event": "handler_failed"},
+        )
+        return Outcome.failed(exc, attempt)
 
     async def _apply_by_deadline(self, message: Message) -> bool:
         """``store.apply`` cancelled by the reaper at ``handler_timeout``.

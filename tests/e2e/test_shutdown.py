@@ -160,3 +160,25 @@ async def test_stuck_plain_def_handler_does_not_hang_the_exit(amqp, make_config,
     assert daemon.events("handler_threads_left", count=1)
     verdict = await oracle(amqp, config.queue, config.db_url, ids)
     assert verdict.queued == 1
+
+
+async def test_handler_swallowing_its_cancellation_does_not_hang_the_exit(amqp, make_config, spawn):
+    """An async handler that swallows CancelledError: the process still exits 0, requeued.
+
+    1. The handler waits and swallows every CancelledError; drain_timeout 1 s.
+    2. SIGTERM: the drain cancels it, gives up on it, and the runbook goes on.
+    3. The process exits 0 without waiting for that task; the message is back in the queue.
+    """
+    config = make_config()
+    await declare(amqp, config)
+    ids = await publish(amqp, config.queue, [b"{}"])
+    daemon = spawn(
+        daemon_args(config, "--handler", "sample_handlers:swallows_cancel", "--drain-timeout", "1")
+    )
+    await daemon.start()
+    await wait_until(lambda: in_flight_at_least(daemon, 1), timeout=10)
+    assert await daemon.stop(timeout=40) == 0
+    assert daemon.events("handler_tasks_left", count=1)
+    verdict = await oracle(amqp, config.queue, config.db_url, ids)
+    assert verdict.lost == frozenset()
+    assert verdict.queued == 1

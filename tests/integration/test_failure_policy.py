@@ -193,3 +193,30 @@ async def test_sigterm_with_retries_pending_loses_nothing(amqp, make_config, run
     assert verdict.lost == frozenset()
     assert verdict.applied == 20
     assert verdict.duplicates == 0
+
+
+async def test_handler_awaiting_a_cancelled_task_keeps_its_worker(amqp, make_config, run_daemon):
+    """A CancelledError from the handler's own await is a failure, not the worker's end.
+
+    1. One worker; the handler awaits a task of its own that was cancelled, for "cancel".
+    2. It is retried and dead-lettered like any failure (x-mayhem-error says CancelledError).
+    3. The worker is still there: the next message is applied. (The CancelledError used to
+       end the worker for good, the message requeued to no one: the queue stopped.)
+    """
+    config = make_config(
+        handler="retry_handlers:awaits_cancelled_or_records",
+        concurrency=1,
+        max_attempts=2,
+        retry_delays="0.05",
+    )
+    async with run_daemon(config) as daemon:
+        await publish(amqp, config.queue, [b"cancel"], message_ids=["cancelled"])
+        await wait_until(lambda: _count(daemon, "dead_lettered") == 1, timeout=30)
+        await publish(amqp, config.queue, [b"{}"], message_ids=["next"])
+        await wait_until(lambda: _count(daemon, "acked") == 1, timeout=30)
+        assert _count(daemon, "retried") == 1
+    [dead] = await drain(amqp, config.dead_queue)
+    assert dead.message_id == "cancelled"
+    assert dead.headers["x-mayhem-attempts"] == 2
+    assert dead.headers["x-mayhem-error"] == "CancelledError"
+    assert [row[:2] for row in await _attempt_rows(config.db_url)] == [("next", 1)]

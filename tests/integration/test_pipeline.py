@@ -283,3 +283,38 @@ async def test_batched_acks_never_cover_a_message_in_flight(amqp, make_config, p
     assert verdict.queued == 1
     assert verdict.applied == 50
     assert verdict.lost == frozenset()
+
+
+async def test_reloads_while_workers_are_due_to_exit(amqp, make_config, run_daemon):
+    """Reloads down and up while every worker is busy leave the configured number of workers.
+
+    1. 4 workers (prefetch 4), each busy with a message that waits.
+    2. Concurrency goes 1, 4, 1, 4, 1, 4 meanwhile (what a SIGHUP applies, resize_workers).
+    3. No reload fails: the exit sentinels used to pile up past the buffer's room (QueueFull,
+       and a SIGHUP crashed the daemon). Once the messages are done, 4 workers take the next
+       4 at once: a reload up used to count the workers due to exit as staying.
+    """
+    sample_handlers.GATE = first = asyncio.Event()
+    sample_handlers.STARTED.clear()
+    config = make_config(handler="sample_handlers:gated", concurrency=4, prefetch=4)
+
+    def acked() -> float:
+        return daemon.metrics.value("mayhem_messages_total", {"outcome": "acked"})
+
+    try:
+        async with run_daemon(config) as daemon:
+            await publish(amqp, config.queue, [b"{}"] * 4, message_ids=["a0", "a1", "a2", "a3"])
+            await wait_until(lambda: len(sample_handlers.STARTED) == 4)
+            for count in (1, 4, 1, 4, 1, 4):
+                daemon.resize_workers(count)
+            sample_handlers.GATE = second = asyncio.Event()
+            first.set()
+            await wait_until(lambda: acked() == 4)
+            await publish(amqp, config.queue, [b"{}"] * 4, message_ids=["b0", "b1", "b2", "b3"])
+            await wait_until(lambda: len(sample_handlers.STARTED) == 8, timeout=10)
+            assert daemon.workers.in_flight == 4
+            second.set()
+            await wait_until(lambda: acked() == 8)
+    finally:
+        sample_handlers.GATE = None
+        sample_handlers.STARTED.clear()

@@ -7,7 +7,8 @@ import logging
 import socket
 
 import pytest
-from mayhem_testing import records_of
+import sample_handlers
+from mayhem_testing import drain, publish, records_of, wait_until
 
 from mayhem.daemon import SHUTDOWN, Daemon
 from mayhem.exceptions import ConfigError, StartupError, StoreUnavailable
@@ -80,3 +81,33 @@ async def test_failed_startup_runs_the_same_steps_and_leaves_nothing_open(
         await daemon.store.ping()
     assert daemon.broker.connection is None
     assert not daemon.consumer.connected
+
+
+async def test_handler_swallowing_its_cancellation_does_not_hang_the_shutdown(amqp, make_config):
+    """A handler that swallows CancelledError is left behind; the shutdown still ends, exit 0.
+
+    1. The handler waits and swallows every CancelledError; drain_timeout 0.5 s.
+    2. Stop: the drain gives up on it after cancelling it, and the runbook goes on; the
+       message is back in the queue once the consuming connection closes. (The task group's
+       exit used to wait for that worker for ever, even after a second signal.)
+    """
+    sample_handlers.STARTED.clear()
+    config = make_config(handler="sample_handlers:swallows_cancel", drain_timeout=0.5)
+    daemon = Daemon(config, environ={})
+    task = asyncio.create_task(daemon.run())
+    try:
+        await wait_until(lambda: daemon._started, timeout=20)
+        await publish(amqp, config.queue, [b"{}"], message_ids=["swallower"])
+        await wait_until(lambda: sample_handlers.STARTED == ["swallower"], timeout=20)
+        daemon.signals.stop_requested.set()
+        assert await asyncio.wait_for(asyncio.shield(task), timeout=30) == 0
+        assert len(daemon.abandoned) == 1
+        [back] = await drain(amqp, config.queue)
+        assert back.message_id == "swallower"
+    finally:
+        sample_handlers.SWALLOW_CANCEL = False
+        for left in [*daemon._worker_tasks, task]:
+            left.cancel()
+        await asyncio.gather(*daemon._worker_tasks, task, return_exceptions=True)
+        sample_handlers.SWALLOW_CANCEL = True
+        sample_handlers.STARTED.clear()

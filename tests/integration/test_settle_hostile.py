@@ -7,6 +7,7 @@ handler's exception cannot forge a log line or blow up a header.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -346,3 +347,47 @@ async def test_exception_text_with_a_lone_surrogate_is_retried_and_dead_lettered
     assert dead.headers["x-mayhem-attempts"] == 2
     assert dead.headers["x-mayhem-error"] == r"ValueError: unknown name \ud800"
     assert settle_handlers.RUNS["lone"] == 2
+
+
+async def _ready_in(amqp, queue: str) -> int:
+    channel = await amqp.channel()
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count
+    finally:
+        await channel.close()
+
+
+async def test_failed_run_on_a_lost_link_publishes_no_retry_copy(amqp, make_config, run_daemon):
+    """A run that fails after its consuming connection dropped leaves one message, not two.
+
+    1. The handler's first run waits; meanwhile the consuming connection drops (the broker
+       requeues the message); then the run fails.
+    2. No retry copy is published: it would run beside the redelivered original, each with
+       its own attempts (the handler could run 2 x max_attempts times, two dead letters).
+       The delay queue stays empty.
+    3. The original comes back as attempt 2 (its lost run counted) and, max_attempts being
+       2, is dead-lettered: the handler ran twice in all.
+    """
+    settle_handlers.STARTED, settle_handlers.GATE = asyncio.Event(), asyncio.Event()
+    # A long delay: a copy, had one been published, is still in the delay queue at the end.
+    config = make_config(
+        handler="settle_handlers:fails_after_gate", max_attempts=2, retry_delays="60"
+    )
+    try:
+        async with run_daemon(config) as daemon:
+            await publish(amqp, config.queue, [b"{}"], message_ids=["cut"])
+            await asyncio.wait_for(settle_handlers.STARTED.wait(), timeout=30)
+            daemon.consumer._link.abort()  # the connection drops under the running handler
+            settle_handlers.GATE.set()
+            await wait_until(lambda: _count(daemon, "dead_lettered") == 1, timeout=30)
+            assert daemon.metrics.value("mayhem_stale_deliveries_total") >= 1
+            assert await _ready_in(amqp, retry_queue(config.queue, 60)) == 0
+            assert _count(daemon, "retried") == 0
+    finally:
+        settle_handlers.STARTED = settle_handlers.GATE = None
+    [dead] = await drain(amqp, config.dead_queue)
+    assert dead.message_id == "cut"
+    assert dead.headers["x-mayhem-attempts"] == 2
+    assert dead.headers["x-mayhem-error"] == "RuntimeError: attempt 2 fails"
+    assert settle_handlers.RUNS["cut"] == 2

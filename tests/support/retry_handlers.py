@@ -79,5 +79,24 @@ async def fails_until_flag(message: mayhem.Message, ctx: mayhem.Context) -> None
     await _record(message, ctx)
 
 
-for _handler in (fails_twice, poison_or_record, slow_first, asks_retry, fails_until_flag):
+async def awaits_cancelled_or_records(message: mayhem.Message, ctx: mayhem.Context) -> None:
+    """For the body b"cancel", awaits a task of its own that was cancelled; records the rest.
+
+    The CancelledError comes from the handler's own await: nobody cancelled the worker.
+    """
+    if message.body == b"cancel":
+        task = asyncio.ensure_future(asyncio.Event().wait())
+        task.cancel()
+        await task
+    await _record(message, ctx)
+
+
+for _handler in (
+    fails_twice,
+    poison_or_record,
+    slow_first,
+    asks_retry,
+    fails_until_flag,
+    awaits_cancelled_or_records,
+):
     _handler.setup = _setup  # type: ignore[attr-defined]

@@ -130,3 +130,35 @@ def sync_stuck(message: mayhem.Message, ctx: mayhem.SyncContext) -> None:
 
 
 sync_stuck.setup = _setup  # type: ignore[attr-defined]
+
+
+# Set by a test: the gated handler waits for it (the one set when the message started).
+GATE: asyncio.Event | None = None
+# The messages the gated handler started, in order.
+STARTED: list[str] = []
+
+
+async def gated(message: mayhem.Message, ctx: mayhem.Context) -> None:
+    """Notes the message in STARTED, then waits for GATE if a test set one; writes nothing."""
+    STARTED.append(message.message_id)
+    gate = GATE
+    if gate is not None:
+        await gate.wait()
+
+
+# Cleared by a test once it is done with the handler below, so that its task can end.
+SWALLOW_CANCEL = True
+
+
+async def swallows_cancel(message: mayhem.Message, ctx: mayhem.Context) -> None:
+    """Notes the message in STARTED, then waits, swallowing every CancelledError (a bug)."""
+    STARTED.append(message.message_id)
+    while True:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            if not SWALLOW_CANCEL:
+                raise
+
+
+swallows_cancel.setup = _setup  # type: ignore[attr-defined]

@@ -7,6 +7,7 @@ writes back, and what is counted here is every run, failed or not.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 import mayhem
@@ -35,3 +36,17 @@ async def fails_with_a_lone_surrogate(message: mayhem.Message, ctx: mayhem.Conte
     r"""Counts the run, then raises with text from the body: JSON's ``"\ud800"`` is one."""
     RUNS[message.message_id] += 1
     raise ValueError(f"unknown name {message.json()['name']}")
+
+
+# Set by a test: the first run of each message tells STARTED, then waits for GATE to fail.
+STARTED: asyncio.Event | None = None
+GATE: asyncio.Event | None = None
+
+
+async def fails_after_gate(message: mayhem.Message, ctx: mayhem.Context) -> None:
+    """Counts the run; the first run waits for GATE (when a test set it); then raises."""
+    RUNS[message.message_id] += 1
+    if RUNS[message.message_id] == 1 and STARTED is not None and GATE is not None:
+        STARTED.set()
+        await GATE.wait()
+    raise RuntimeError(f"attempt {message.attempt} fails")
