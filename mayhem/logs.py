@@ -55,6 +55,8 @@ EVENTS: Final = MappingProxyType(
             "the drain stopped waiting and cancelled the handlers still running (their messages "
             "are requeued); why (second_signal or drain_timeout), cancelled"
         ),
+        "handler_tasks_left": "the process exits with handlers that ignored their cancellation "
+        "still running; count",
         "handler_threads_left": "the process exits with handler threads still running; count",
         "config_reloaded": "SIGHUP applied the configuration; log_level, concurrency",
         "database_outage": "a worker could not reach the database",
