@@ -58,14 +58,6 @@ ctl() {
 running() { ctl "$1" ping >/dev/null 2>&1; }
 
 # ctl without its chatter; the output is shown only when it fails.
-quiet() {
-    local out
-    if ! out=$(ctl "$@" 2>&1); then
-        echo "$out" >&2
-        die "rabbitmqctl -n $(node_name "$1") ${*:2} failed"
-    fi
-}
-
 port_open() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
 
 start_node() {
@@ -128,6 +120,23 @@ member_of_a() {
         grep -qx "$(node_name "$1")"
 }
 
+# Join one node to a; a join that fails (a not reachable for a moment) is tried again.
+join_node() {
+    local node=$1 try out
+    for try in 1 2 3; do
+        await_node a || return 1
+        if out=$(ctl "$node" stop_app 2>&1 && ctl "$node" reset 2>&1 &&
+            ctl "$node" join_cluster "$(node_name a)" 2>&1 && ctl "$node" start_app 2>&1); then
+            await_node "$node" && return 0
+        else
+            echo "$out" | tail -n 5 >&2
+        fi
+        say "joining $(node_name "$node") failed (try $try of 3)"
+        sleep 2
+    done
+    return 1
+}
+
 # A start that failed half way stops what it started, so nothing is left running.
 abandon() {
     cmd_stop >&2 || true
@@ -146,11 +155,7 @@ cmd_start() {
             continue
         fi
         say "joining $(node_name "$node") to $(node_name a)"
-        quiet "$node" stop_app
-        quiet "$node" reset
-        quiet "$node" join_cluster "$(node_name a)"
-        quiet "$node" start_app
-        await_node "$node" || abandon
+        join_node "$node" || abandon
     done
     say "cluster up: amqp://guest:guest@127.0.0.1:5681,127.0.0.1:5682,127.0.0.1:5683/"
 }

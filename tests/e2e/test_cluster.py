@@ -65,7 +65,11 @@ def leader_of(queue: str, ask: str) -> str:
 def cluster():
     """The three nodes, clustered; stopped (and their data deleted) after the session."""
     try:
-        subprocess.run(["bash", str(SCRIPT), "start"], check=True, timeout=300)
+        started = subprocess.run(["bash", str(SCRIPT), "start"], check=False, timeout=300)
+        if started.returncode != 0:
+            # Three Erlang nodes booting on two busy cores: the script has stopped what it
+            # started; one more try before the test counts as failed.
+            subprocess.run(["bash", str(SCRIPT), "start"], check=True, timeout=300)
         yield
     finally:
         subprocess.run(["bash", str(SCRIPT), "stop"], check=False, timeout=300)
