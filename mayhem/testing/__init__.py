@@ -37,12 +37,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mayhem.testing.harness import NEW_ID, BlockingHarness, Harness, Outcome
+    from mayhem.testing.blocking import BlockingHarness
+    from mayhem.testing.harness import NEW_ID, Harness, Outcome
 
 __all__ = ["NEW_ID", "BlockingHarness", "Harness", "Outcome"]
 
 
 def __getattr__(name: str) -> Any:  # noqa: ANN401 -- the names of __all__
+    if name == "BlockingHarness":
+        return importlib.import_module("mayhem.testing.blocking").BlockingHarness
     if name in __all__:
         return getattr(importlib.import_module("mayhem.testing.harness"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

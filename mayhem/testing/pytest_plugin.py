@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from mayhem.testing.harness import BlockingHarness
+    from mayhem.testing.blocking import BlockingHarness
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def mayhem_harness() -> Iterator[Callable[..., BlockingHarness]]:
     :class:`mayhem.testing.BlockingHarness`: ``h.deliver(body, message_id=...)`` without
     ``await``. In an ``async def`` test, use ``async with mayhem.testing.Harness(...)``.
     """
-    from mayhem.testing.harness import BlockingHarness  # noqa: PLC0415 -- only when asked for
+    from mayhem.testing.blocking import BlockingHarness  # noqa: PLC0415 -- only when asked for
 
     made: list[BlockingHarness] = []
 
