@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import time
 
+import pytest
 from mayhem_testing import (
     applied_at_least,
     daemon_args,
@@ -141,44 +142,33 @@ async def test_password_not_in_the_process_title(make_config, spawn):
     assert await daemon.stop() == 0
 
 
-async def test_stuck_plain_def_handler_does_not_hang_the_exit(amqp, make_config, spawn):
-    """A plain def handler stuck in its thread: the daemon still exits, the message requeued.
+@pytest.mark.parametrize(
+    ("handler", "left", "stop_timeout"),
+    [
+        # A plain def handler sleeping for an hour in its thread.
+        ("sample_handlers:sync_stuck", "handler_threads_left", 30),
+        # An async handler that swallows every CancelledError.
+        ("sample_handlers:swallows_cancel", "handler_tasks_left", 40),
+    ],
+)
+async def test_a_handler_that_never_ends_does_not_hang_the_exit(
+    amqp, make_config, spawn, handler, left, stop_timeout
+):
+    """A handler that never ends: the process still exits 0, its message requeued.
 
-    1. The handler sleeps for an hour in its thread; drain_timeout 1 s.
-    2. SIGTERM: the message is requeued at the deadline.
-    3. The process exits 0 without waiting for the thread.
+    1. The handler never returns (stuck in its thread, or swallowing its cancellation);
+       drain_timeout 1 s.
+    2. SIGTERM: at the deadline the drain cancels it, gives up on it, and the runbook goes on.
+    3. The process exits 0 without waiting for it; the message is back in the queue.
     """
     config = make_config()
     await declare(amqp, config)
     ids = await publish(amqp, config.queue, [b"{}"])
-    daemon = spawn(
-        daemon_args(config, "--handler", "sample_handlers:sync_stuck", "--drain-timeout", "1")
-    )
+    daemon = spawn(daemon_args(config, "--handler", handler, "--drain-timeout", "1"))
     await daemon.start()
     await wait_until(lambda: in_flight_at_least(daemon, 1), timeout=10)
-    assert await daemon.stop(timeout=30) == 0
-    assert daemon.events("handler_threads_left", count=1)
-    verdict = await oracle(amqp, config.queue, config.db_url, ids)
-    assert verdict.queued == 1
-
-
-async def test_handler_swallowing_its_cancellation_does_not_hang_the_exit(amqp, make_config, spawn):
-    """An async handler that swallows CancelledError: the process still exits 0, requeued.
-
-    1. The handler waits and swallows every CancelledError; drain_timeout 1 s.
-    2. SIGTERM: the drain cancels it, gives up on it, and the runbook goes on.
-    3. The process exits 0 without waiting for that task; the message is back in the queue.
-    """
-    config = make_config()
-    await declare(amqp, config)
-    ids = await publish(amqp, config.queue, [b"{}"])
-    daemon = spawn(
-        daemon_args(config, "--handler", "sample_handlers:swallows_cancel", "--drain-timeout", "1")
-    )
-    await daemon.start()
-    await wait_until(lambda: in_flight_at_least(daemon, 1), timeout=10)
-    assert await daemon.stop(timeout=40) == 0
-    assert daemon.events("handler_tasks_left", count=1)
+    assert await daemon.stop(timeout=stop_timeout) == 0
+    assert daemon.events(left, count=1)
     verdict = await oracle(amqp, config.queue, config.db_url, ids)
     assert verdict.lost == frozenset()
     assert verdict.queued == 1

@@ -122,15 +122,7 @@ async def test_the_daemon_runs_over_tls_with_external(tls, amqp, make_config, ru
     """
     port, pki = tls
     url = _url(port, pki, user="nobody:wrong", cafile=pki.ca, auth="external", **_client(pki))
-    config = make_config(amqp_url=url, handler="sample_handlers:record")
-    async with run_daemon(config) as daemon:
-        await publish(amqp, config.queue, [b"{}"])
-        await wait_until(
-            lambda: daemon.metrics.value("mayhem_messages_total", {"outcome": "acked"}) == 1
-        )
-        listed = await _listed("ssl", "auth_mechanism")
-    ours = [row[1:] for row in listed if f"pid={os.getpid()} queue={config.queue}" in row[0]]
-    assert sorted(ours) == [["true", "EXTERNAL"]] * 2
+    await _both_connections_over_tls_with_external(url, amqp, make_config, run_daemon)
 
 
 async def test_a_cluster_url_keeps_tls_for_every_node(tls, amqp, make_config, run_daemon):
@@ -142,15 +134,7 @@ async def test_a_cluster_url_keeps_tls_for_every_node(tls, amqp, make_config, ru
     port, pki = tls
     url = _url(port, pki, user="nobody:wrong", cafile=pki.ca, auth="external", **_client(pki))
     url = url.replace("@127.0.0.1:", "@127.0.0.1:1,127.0.0.1:")
-    config = make_config(amqp_url=url, handler="sample_handlers:record")
-    async with run_daemon(config) as daemon:
-        await publish(amqp, config.queue, [b"{}"])
-        await wait_until(
-            lambda: daemon.metrics.value("mayhem_messages_total", {"outcome": "acked"}) == 1
-        )
-        listed = await _listed("ssl", "auth_mechanism")
-    ours = [row[1:] for row in listed if f"pid={os.getpid()} queue={config.queue}" in row[0]]
-    assert sorted(ours) == [["true", "EXTERNAL"]] * 2
+    await _both_connections_over_tls_with_external(url, amqp, make_config, run_daemon)
 
 
 async def test_a_wrong_ca_fails_with_a_clear_error(tls, make_config):
@@ -187,3 +171,16 @@ async def test_without_the_client_certificate_the_broker_refuses(tls):
     port, pki = tls
     with pytest.raises(LinkLost, match=r"TLS|closed|reset"):
         await _open(Endpoint.from_url(_url(port, pki, cafile=pki.ca)), "mayhem-test no cert", [])
+
+
+async def _both_connections_over_tls_with_external(url, amqp, make_config, run_daemon) -> None:
+    """A message is handled and acked; both of the daemon's connections are TLS + EXTERNAL."""
+    config = make_config(amqp_url=url, handler="sample_handlers:record")
+    async with run_daemon(config) as daemon:
+        await publish(amqp, config.queue, [b"{}"])
+        await wait_until(
+            lambda: daemon.metrics.value("mayhem_messages_total", {"outcome": "acked"}) == 1
+        )
+        listed = await _listed("ssl", "auth_mechanism")
+    ours = [row[1:] for row in listed if f"pid={os.getpid()} queue={config.queue}" in row[0]]
+    assert sorted(ours) == [["true", "EXTERNAL"]] * 2
