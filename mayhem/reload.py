@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # The settings a reload applies; the rest need a restart.
-RELOADABLE: Final = frozenset(reloadable_settings())
+RELOADABLE: Final = reloadable_settings()
 
 
 class Running(Protocol):
